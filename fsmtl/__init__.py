@@ -1,0 +1,1 @@
+"Multi-task learning for few-shot image classification."

@@ -1,0 +1,93 @@
+"`mtl_dls`: the fastai DataBlock and DataLoaders of a benchmark, for multi-task training and episodic evaluation."
+from __future__ import annotations
+
+import numpy as np
+from fastai.data.block import CategoryBlock, DataBlock
+from fastai.data.core import DataLoaders
+from fastai.vision.data import ImageBlock
+
+from .benchmarks import get_benchmark
+from .core import SPLITS, FewShotSplits
+from .tasks import EpisodeDL, TaskDL, check_task_size
+from .transforms import lee19_tfms
+
+__all__ = ['mtl_block', 'mtl_dls']
+
+
+class _Pool:
+    "The items of all three splits under one global index, as the DataBlock sees them; class ids run train, val, test."
+    def __init__(self, splits: FewShotSplits):
+        self.splits = splits
+        self.starts = np.cumsum([0] + [len(splits[s]) for s in SPLITS])
+        self.class_offsets = dict(zip(SPLITS, np.cumsum([0] + [splits[s].n_classes for s in SPLITS])))
+        self.vocab = [c for s in SPLITS for c in splits[s].classes]
+
+    def _locate(self, i):
+        k = int(np.searchsorted(self.starts, i, side='right')) - 1
+        return SPLITS[k], int(i - self.starts[k])
+
+    def image(self, i):
+        s, j = self._locate(i)
+        return self.splits[s].load([j])[0]
+
+    def label(self, i):
+        s, j = self._locate(i)
+        return self.vocab[self.class_offsets[s] + int(self.splits[s].labels[j])]
+
+    def split_items(self, items):
+        return [list(range(self.starts[k], self.starts[k + 1])) for k in range(len(SPLITS))]
+
+
+def mtl_block(splits: FewShotSplits,   # the benchmark
+              augment: bool = True):   # Lee19 augmentation on training batches
+    "A DataBlock over the images of all three splits: an image and its class name per item, with Lee19 batch transforms."
+    pool = _Pool(splits)
+    # DataBlock binds the functions it is given to itself: hand it plain functions, not the pool's methods
+    tfms = lee19_tfms(splits.size, splits.mean, splits.std, augment=augment)[1:]  # ImageBlock brings IntToFloatTensor
+    return DataBlock(blocks=(ImageBlock, CategoryBlock(vocab=pool.vocab, sort=False)),
+                     get_items=lambda _: list(range(pool.starts[-1])), splitter=lambda o: pool.split_items(o),
+                     get_x=lambda i: pool.image(i), get_y=lambda i: pool.label(i), batch_tfms=tfms), pool
+
+
+def mtl_dls(name_or_splits='glyphs',      # a benchmark name for `get_benchmark`, or `FewShotSplits`
+            root: str = '~/data',         # where benchmarks live (the images' folder for 'folder')
+            train_ways: int = 5,          # classes in a training task
+            train_shots: int = 5,         # support images a class in a training task
+            train_queries: int = 5,       # query images a class in a training task (MTL uses shots + queries alike)
+            meta_batch_size: int = 6,     # tasks in a training batch
+            epoch_length: int = 1600,     # training tasks in an epoch
+            test_ways: int = 5,           # classes in an evaluation episode
+            test_shots=5,                 # support images a class in an episode; a tuple like (1, 5) draws the largest
+            test_queries: int = 15,       # query images a class in an episode
+            val_episodes: int = 400,      # fixed validation episodes
+            test_episodes: int = 2000,    # fixed test episodes
+            size: int | None = None,      # resize images to this square side; None keeps the benchmark's
+            bs_episodes: int = 8,         # episodes in an evaluation batch
+            seed: int = 0,                # fixes the validation and test episodes
+            augment: bool = True,         # Lee19 augmentation on training batches
+            num_workers: int | None = None,  # loader processes; None: 0 for in-memory data, else all cores
+            device=None,                  # where batches go; None: fastai's default (GPU when there is one)
+            download: bool = True,        # fetch missing benchmark files
+            **kwargs) -> DataLoaders:     # passed to `get_benchmark`
+    "DataLoaders of a benchmark: multi-task training batches, then fixed validation and test episodes (`dls[2]`)."
+    splits = name_or_splits if isinstance(name_or_splits, FewShotSplits) else \
+        get_benchmark(name_or_splits, root=root, download=download, **kwargs)
+    if size is not None:
+        for s in SPLITS: splits[s].size = size
+    shots = max(test_shots) if isinstance(test_shots, (tuple, list)) else test_shots
+    check_task_size(splits.train, train_ways, train_shots + train_queries, 'train', splits.name)
+    for s in ('val', 'test'): check_task_size(splits[s], test_ways, shots + test_queries, s, splits.name)
+    if meta_batch_size < 1 or epoch_length < meta_batch_size:
+        raise ValueError(f"epoch_length ({epoch_length}) must hold at least one batch of meta_batch_size ({meta_batch_size}) tasks")
+    block, pool = mtl_block(splits, augment=augment)
+    dsets = block.datasets(splits)
+    if num_workers is None: num_workers = 0 if splits.train.in_memory else None
+    common = dict(after_batch=block.batch_tfms, vocab=pool.vocab, num_workers=num_workers, device=device)
+    train = TaskDL(dsets.subset(0), split=splits.train, ways=train_ways, per_class=train_shots + train_queries,
+                   n=epoch_length, bs=meta_batch_size, **common)
+    evals = [EpisodeDL(dsets.subset(k), split=splits[s], ways=test_ways, shots=shots, queries=test_queries, n=n,
+                       bs=bs_episodes, seed=seed, label_offset=int(pool.class_offsets[s]), **common)
+             for k, (s, n) in enumerate([('val', val_episodes), ('test', test_episodes)], start=1)]
+    dls = DataLoaders(train, *evals, path=root, device=device)
+    dls.splits, dls.test_shots = splits, test_shots
+    return dls

@@ -1,0 +1,102 @@
+"Few-shot splits: per split, the items (uint8 arrays, encoded images or file paths), integer labels and class names."
+from __future__ import annotations
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+__all__ = ['Split', 'FewShotSplits', 'SPLITS']
+
+SPLITS = ('train', 'val', 'test')
+
+
+def _decode(item, size):
+    "One image as uint8 HxWx3, from PNG/JPEG bytes or a file path, resized to `size` when given."
+    try:
+        im = Image.open(io.BytesIO(item) if isinstance(item, (bytes, np.ndarray)) else item)
+        im = im.convert('RGB')
+    except Exception as e:
+        raise ValueError(f"Cannot read image {item if isinstance(item, (str, Path)) else '(encoded bytes)'}: {e}") from e
+    if size is not None and im.size != (size, size): im = im.resize((size, size), Image.BILINEAR)
+    return np.asarray(im)
+
+
+@dataclass
+class Split:
+    "The images of one split: `items` (uint8 N x H x W x 3 array, or a list of encoded images or paths), `labels` in 0..C-1, `classes` names."
+    items: object                  # uint8 array (N, H, W, 3), or a list of PNG/JPEG bytes, or a list of file paths
+    labels: np.ndarray             # int64 (N,), index into `classes`
+    classes: list                  # class names, one per label value
+    size: int | None = None        # side of the square images `load` returns; None keeps the stored size
+
+    def __post_init__(self):
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        self.classes = [str(c) for c in self.classes]
+        if len(self.labels) != len(self.items):
+            raise ValueError(f"{len(self.items)} items but {len(self.labels)} labels")
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
+            raise ValueError(f"labels must lie in 0..{len(self.classes) - 1}")
+        if len(set(self.classes)) != len(self.classes): raise ValueError("class names must be unique within a split")
+
+    def __len__(self): return len(self.labels)
+
+    @property
+    def n_classes(self): return len(self.classes)
+
+    @property
+    def in_memory(self): return isinstance(self.items, np.ndarray)
+
+    def counts(self):
+        "Number of images of each class."
+        return np.bincount(self.labels, minlength=self.n_classes)
+
+    def load(self, idxs) -> np.ndarray:
+        "Images `idxs` as one uint8 array (n, H, W, 3)."
+        idxs = np.asarray(idxs, dtype=np.int64)
+        if self.in_memory:
+            ims = self.items[idxs]
+            if self.size is None or ims.shape[1:3] == (self.size, self.size): return ims
+            return np.stack([np.asarray(Image.fromarray(im).resize((self.size, self.size), Image.BILINEAR)) for im in ims])
+        ims = [_decode(self.items[i], self.size) for i in idxs]
+        if len({im.shape for im in ims}) > 1:
+            raise ValueError("Images of different sizes in one batch: pass `size` to resize them to one square side")
+        return np.stack(ims) if ims else np.zeros((0, self.size or 0, self.size or 0, 3), np.uint8)
+
+    def image_size(self) -> int:
+        "Side of the images `load` returns."
+        if self.size is not None: return self.size
+        if self.in_memory: return self.items.shape[1]
+        return self.load([0]).shape[1]
+
+
+@dataclass
+class FewShotSplits:
+    "Base (train) and novel (val, test) classes of a benchmark; class names of the three splits are disjoint."
+    name: str                                  # benchmark name
+    train: Split                               # base classes
+    val: Split                                 # novel classes for validation
+    test: Split                                # novel classes for the final test
+    mean: tuple = (0.5, 0.5, 0.5)              # per-channel mean of images in 0..1, for normalisation
+    std: tuple = (0.25, 0.25, 0.25)            # per-channel std of images in 0..1
+    meta: dict = field(default_factory=dict)   # anything else worth keeping (source, superclasses, scripts)
+
+    def __post_init__(self):
+        seen = {}
+        for s in SPLITS:
+            for c in self[s].classes:
+                if c in seen: raise ValueError(f"class {c!r} is in both the {seen[c]} and the {s} split of {self.name}")
+                seen[c] = s
+
+    def __getitem__(self, split) -> Split:
+        if split == 'valid': split = 'val'
+        if split not in SPLITS: raise KeyError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+        return getattr(self, split)
+
+    @property
+    def size(self): return self.train.image_size()
+
+    def __repr__(self):
+        parts = ', '.join(f"{s}: {self[s].n_classes} classes / {len(self[s])} images" for s in SPLITS)
+        return f"FewShotSplits({self.name!r}, {parts}, {self.size}px)"

@@ -1,0 +1,135 @@
+"Multi-task training batches (`TaskDL`) and fixed, seeded evaluation episodes (`EpisodeDL`), sampled with learn2learn."
+from __future__ import annotations
+import random
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import learn2learn as l2l
+from fastai.data.core import TfmdDL
+from fastai.torch_core import TensorCategory
+from fastai.vision.core import TensorImage
+from fastai.vision.data import get_grid
+from fastai.vision.core import show_image
+
+from .core import Split
+
+__all__ = ['TaskDL', 'EpisodeDL', 'check_task_size', 'seeded_random']
+
+
+@contextmanager
+def seeded_random(seed):
+    "Seed Python's `random` (what learn2learn samples with) inside the block, and restore its state after."
+    state = random.getstate()
+    random.seed(seed)
+    try: yield
+    finally: random.setstate(state)
+
+
+def check_task_size(split: Split, ways: int, per_class: int, what: str, name: str = ''):
+    "Fail early, with the fix, when `split` cannot give `ways` classes of `per_class` images each."
+    where = f"the {what} split{f' of {name}' if name else ''}"
+    if ways < 2: raise ValueError(f"ways must be at least 2, got {ways}")
+    if ways > split.n_classes:
+        raise ValueError(f"{ways}-way tasks need {ways} classes but {where} has {split.n_classes}: lower the ways")
+    counts = split.counts()
+    small = [(split.classes[c], int(counts[c])) for c in np.flatnonzero(counts < per_class)]
+    if small:
+        listed = ', '.join(f"{c!r} ({n})" for c, n in small[:5]) + (f" and {len(small) - 5} more" if len(small) > 5 else '')
+        raise ValueError(f"tasks need {per_class} images a class (shots + queries) but in {where} "
+                         f"{len(small)} classes have fewer: {listed}. Lower shots or queries, or drop those classes")
+
+
+class _Labels(torch.utils.data.Dataset):
+    "The labels of a split as the torch Dataset learn2learn's `MetaDataset` wants; tasks are drawn from the labels alone."
+    def __init__(self, labels): self.labels = labels
+    def __len__(self): return len(self.labels)
+    def __getitem__(self, i): return i, int(self.labels[i])
+
+
+def _sampler(split: Split, ways: int, per_class: int):
+    "A learn2learn `Taskset` over `split` that draws `ways` classes x `per_class` images, class-major."
+    by_class = {c: np.flatnonzero(split.labels == c).tolist() for c in range(split.n_classes)}
+    meta = l2l.data.MetaDataset(_Labels(split.labels), labels_to_indices=by_class)
+    return l2l.data.Taskset(meta, task_transforms=[l2l.data.transforms.FusedNWaysKShots(meta, n=ways, k=per_class)])
+
+
+def _draw(taskset) -> np.ndarray:
+    "Indices of one freshly drawn task."
+    return np.fromiter((d.index for d in taskset.sample_task_description()), dtype=np.int64)
+
+
+class _SplitDL(TfmdDL):
+    "Loads whole tasks from a `Split` in one vectorised call; a batch concatenates `bs` tasks."
+    def __init__(self, dataset=None, split: Split = None, ways=5, per_class=10, label_offset=0, vocab=None, **kwargs):
+        self.split, self.ways, self.per_class, self.label_offset, self.vocab = split, ways, per_class, label_offset, vocab
+        super().__init__(dataset, **kwargs)
+
+    def load_task(self, idxs):
+        "Images (uint8, channels first) and global class ids of the split's items `idxs`."
+        x = torch.from_numpy(self.split.load(idxs)).permute(0, 3, 1, 2).contiguous()
+        y = torch.from_numpy(self.split.labels[idxs] + self.label_offset)
+        return TensorImage(x), TensorCategory(y)
+
+    def create_batch(self, b):
+        xs, ys = zip(*b)
+        return TensorImage(torch.cat(xs)), TensorCategory(torch.cat(ys))
+
+    def new(self, dataset=None, cls=None, **kwargs):
+        keep = dict(split=self.split, ways=self.ways, per_class=self.per_class, label_offset=self.label_offset, vocab=self.vocab)
+        return super().new(dataset, cls, **{**keep, **kwargs})
+
+    def show_batch(self, b=None, max_n: int = 4, per_class: int = 1, figsize=None, **kwargs):
+        "Draw up to `max_n` tasks as rows, `per_class` images of each class, titled with the class names."
+        x, y = self.decode(self.one_batch() if b is None else b)
+        x = x.clamp(0, 255).to(torch.uint8)  # decoding gives 0..255 as int64
+        y = y.view(-1, self.ways, self.per_class)[:max_n, :, :per_class].flatten()
+        x = x.view(-1, self.ways, self.per_class, *x.shape[1:])[:max_n, :, :per_class].flatten(0, 2)
+        n_rows, n_cols = len(x) // (self.ways * per_class), self.ways * per_class
+        axs = get_grid(n_rows * n_cols, nrows=n_rows, ncols=n_cols, figsize=figsize or (1.6 * n_cols, 1.8 * n_rows))
+        for ax, im, c in zip(axs, x, y):
+            show_image(im, ax=ax, title=str(self.vocab[int(c)]) if self.vocab is not None else str(int(c)), **kwargs)
+        return axs
+
+
+class TaskDL(_SplitDL):
+    "Multi-task training batches: `bs` fresh tasks of `ways` classes x `per_class` images, task-major and class-major."
+    def __init__(self, dataset=None,
+                 split: Split = None,    # the base classes
+                 ways: int = 5,          # classes in a task
+                 per_class: int = 10,    # images of each class in a task: shots + queries
+                 n: int = 1600,          # tasks in an epoch
+                 bs: int = 6,            # tasks in a batch (meta_batch_size)
+                 **kwargs):
+        kwargs.pop('shuffle', None)
+        super().__init__(dataset, split=split, ways=ways, per_class=per_class, n=n, bs=bs,
+                         drop_last=kwargs.pop('drop_last', True), **kwargs)
+        self.taskset = _sampler(split, ways, per_class)
+
+    def create_item(self, s): return self.load_task(_draw(self.taskset))
+
+
+class EpisodeDL(_SplitDL):
+    "Fixed evaluation episodes of `ways` novel classes x (`shots` + `queries`) images, the same every epoch and run for one seed."
+    def __init__(self, dataset=None,
+                 split: Split = None,   # the novel classes
+                 ways: int = 5,         # classes in an episode
+                 shots: int = 5,        # support images of each class (the largest shot count to evaluate)
+                 queries: int = 15,     # query images of each class
+                 n: int = 400,          # episodes
+                 bs: int = 8,           # episodes in a batch
+                 seed: int = 0,         # fixes the episodes
+                 episodes=None,         # (n, ways * (shots + queries)) item indices; drawn from `seed` when None
+                 **kwargs):
+        for k in ('shuffle', 'drop_last', 'per_class'): kwargs.pop(k, None)
+        if episodes is None:
+            taskset = _sampler(split, ways, shots + queries)
+            with seeded_random(seed): episodes = np.stack([_draw(taskset) for _ in range(n)])
+        self.episodes, self.shots, self.queries, self.seed = episodes, shots, queries, seed
+        super().__init__(dataset, split=split, ways=ways, per_class=shots + queries, n=len(episodes), bs=bs, **kwargs)
+
+    def create_item(self, s): return self.load_task(self.episodes[s or 0])
+
+    def new(self, dataset=None, cls=None, **kwargs):
+        keep = dict(shots=self.shots, queries=self.queries, seed=self.seed, episodes=self.episodes)
+        return super().new(dataset, cls, **{**keep, **kwargs})
