@@ -14,7 +14,7 @@ from fastai.vision.core import show_image
 
 from .core import Split
 
-__all__ = ['TaskDL', 'EpisodeDL', 'check_task_size', 'seeded_random']
+__all__ = ['TaskDL', 'EpisodeDL', 'check_task_size', 'local_labels', 'seeded_random']
 
 
 @contextmanager
@@ -38,6 +38,16 @@ def check_task_size(split: Split, ways: int, per_class: int, what: str, name: st
         listed = ', '.join(f"{c!r} ({n})" for c, n in small[:5]) + (f" and {len(small) - 5} more" if len(small) > 5 else '')
         raise ValueError(f"tasks need {per_class} images a class (shots + queries) but in {where} "
                          f"{len(small)} classes have fewer: {listed}. Lower shots or queries, or drop those classes")
+
+
+def local_labels(y,                  # global class ids of a batch of tasks, task-major and class-major
+                 ways: int,          # classes in a task
+                 per_class: int):    # images of each class in a task
+    "Labels 0..ways-1 within each task, by the order of the task's classes; a new tensor, `y` is left as it is."
+    y = y.view(-1, ways * per_class)
+    classes = y.view(-1, ways, per_class)[:, :, 0]
+    # comparing against all of a task's classes at once cannot merge two classes, as relabelling in place can
+    return (y.unsqueeze(-1) == classes.unsqueeze(1)).int().argmax(-1).flatten()
 
 
 class _Labels(torch.utils.data.Dataset):
@@ -88,7 +98,7 @@ class _SplitDL(TfmdDL):
         n_rows, n_cols = len(x) // (self.ways * per_class), self.ways * per_class
         axs = get_grid(n_rows * n_cols, nrows=n_rows, ncols=n_cols, figsize=figsize or (1.6 * n_cols, 1.8 * n_rows))
         for ax, im, c in zip(axs, x, y):
-            show_image(im, ax=ax, title=str(self.vocab[int(c)]) if self.vocab is not None else str(int(c)), **kwargs)
+            show_image(im.permute(1, 2, 0).numpy(), ax=ax, title=str(self.vocab[int(c)]) if self.vocab is not None else str(int(c)), **kwargs)
         return axs
 
 

@@ -1,17 +1,15 @@
 "Lee19 augmentation (random crop with padding, colour jitter, horizontal flip) as fastai batch transforms that run on the batch's device."
 from __future__ import annotations
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from fastai.vision.core import TensorImage
 from fastai.data.transforms import IntToFloatTensor, Normalize
+from fastai.vision.core import TensorImage
 from fasttransform import Transform
 
-__all__ = ['JitterParams', 'Lee19Augment', 'lee19_padding', 'lee19_tfms', 'rgb_to_gray']
+__all__ = ['BatchCropFlip', 'BatchColorJitter', 'lee19_padding', 'lee19_tfms', 'rgb_to_gray']
 
-# torchvision's ColorJitter order of operations; hue is off in Lee19, so only these three are drawn
-BRIGHTNESS, CONTRAST, SATURATION = 0, 1, 2
+BRIGHTNESS, CONTRAST, SATURATION = 0, 1, 2  # torchvision's ColorJitter operations; hue is off in Lee19
 
 
 def lee19_padding(size: int) -> int:
@@ -21,82 +19,72 @@ def lee19_padding(size: int) -> int:
 
 def rgb_to_gray(x):
     "Luma of a float batch (B, 3, H, W) with torchvision's weights, shape (B, 1, H, W)."
-    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+    return (0.2989 * x[:, 0]).add_(x[:, 1], alpha=0.587).add_(x[:, 2], alpha=0.114).unsqueeze(1)
 
 
-def _blend(a, b, f):
-    "torchvision's `_blend` for images in 0..1, with one factor per image."
-    f = f.view(-1, 1, 1, 1)
-    return (f * a + (1 - f) * b).clamp(0, 1)
-
-
-@dataclass
-class JitterParams:
-    "Per-image random draws of one Lee19 batch; every field has the batch size as first dimension."
-    top: torch.Tensor       # crop offset in rows of the padded image, 0..2*pad
-    left: torch.Tensor      # crop offset in columns of the padded image, 0..2*pad
-    factors: torch.Tensor   # (B, 3) brightness, contrast and saturation factors
-    order: torch.Tensor     # (B, 3) the order of those three operations, a permutation of 0, 1, 2
-    flip: torch.Tensor      # (B,) bool, mirror left-right
-
-
-class Lee19Augment(Transform):
-    "Lee19's training augmentation on a float batch in 0..1, drawn per image, computed for the whole batch at once."
-    order, split_idx = 15, 0  # after IntToFloatTensor (10), before Normalize (99); training batches only
+class BatchCropFlip(Transform):
+    "torchvision's RandomCrop(size, padding=pad) and RandomHorizontalFlip, drawn per image, done for the batch in one gather."
+    # before IntToFloatTensor (10): moving uint8 pixels is a quarter of the memory traffic of floats; training only
+    order, split_idx = 5, 0
 
     def __init__(self,
-                 pad: int = 4,          # zero padding of the random crop, on each side
-                 jitter: float = 0.4,   # brightness, contrast and saturation factors are drawn from [1-jitter, 1+jitter]
-                 flip_p: float = 0.5):  # probability of a horizontal flip
+                 pad: int = 4,         # zero padding of the crop, on each side
+                 flip_p: float = 0.5): # probability of a horizontal flip
         super().__init__()
-        self.pad, self.jitter, self.flip_p = pad, jitter, flip_p
+        self.pad, self.flip_p = pad, flip_p
 
-    def draw(self, n: int, device=None) -> JitterParams:
-        "Random parameters for `n` images, drawn as torchvision's RandomCrop, ColorJitter and RandomHorizontalFlip do."
-        offsets = torch.randint(0, 2 * self.pad + 1, (2, n), device=device)
+    def draw(self, n: int, device=None):
+        "Crop offsets into the padded image (rows, columns, each 0..2*pad) and flips for `n` images."
+        top, left = torch.randint(0, 2 * self.pad + 1, (2, n), device=device)
+        return top, left, torch.rand(n, device=device) < self.flip_p
+
+    def apply(self, x, top, left, flip):
+        "Pad batch `x` (B, C, H, W) with zeros, cut an HxW window at (`top`, `left`) of each image, mirror those in `flip`."
+        b, c, h, w = x.shape
+        wp = w + 2 * self.pad
+        cols = torch.arange(w, device=x.device).view(1, 1, w)
+        cols = torch.where(flip.view(b, 1, 1), cols.flip(-1), cols) + left.view(b, 1, 1)
+        rows = top.view(b, 1, 1) + torch.arange(h, device=x.device).view(1, h, 1)
+        idx = (rows * wp + cols).view(b, 1, h * w).expand(b, c, h * w)
+        return F.pad(x, (self.pad,) * 4).view(b, c, -1).gather(2, idx).view(b, c, h, w)
+
+    def encodes(self, x: TensorImage): return TensorImage(self.apply(x, *self.draw(len(x), x.device)))
+
+
+class BatchColorJitter(Transform):
+    "torchvision's ColorJitter(brightness, contrast, saturation) on a float batch in 0..1: factors and order drawn per image."
+    order, split_idx = 15, 0  # after IntToFloatTensor (10), before Normalize (99); training only
+
+    def __init__(self, jitter: float = 0.4):  # factors are drawn uniformly from [1-jitter, 1+jitter]
+        super().__init__()
+        self.jitter = jitter
+
+    def draw(self, n: int, device=None):
+        "Brightness, contrast and saturation factors (n, 3), and each image's order of the three operations (n, 3)."
         factors = torch.empty(n, 3, device=device).uniform_(1 - self.jitter, 1 + self.jitter)
-        order = torch.rand(n, 3, device=device).argsort(dim=1)
-        flip = torch.rand(n, device=device) < self.flip_p
-        return JitterParams(offsets[0], offsets[1], factors, order, flip)
-
-    def apply(self, x, p: JitterParams):
-        "Augment batch `x` (B, 3, H, W) with parameters `p`."
-        x = self.crop(x, p.top, p.left)
-        x = self.color_jitter(x, p.factors, p.order)
-        return torch.where(p.flip.view(-1, 1, 1, 1), x.flip(-1), x)
-
-    def crop(self, x, top, left):
-        "Zero-pad by `pad` and cut an HxW window at (`top`, `left`) from each image."
-        b, _, h, w = x.shape
-        xp = F.pad(x, (self.pad,) * 4)
-        rows = (top.view(-1, 1) + torch.arange(h, device=x.device)).view(b, h, 1)
-        cols = (left.view(-1, 1) + torch.arange(w, device=x.device)).view(b, 1, w)
-        # advanced indexing puts the broadcast (B, H, W) dims first, then the channel slice
-        return xp[torch.arange(b, device=x.device).view(b, 1, 1), :, rows, cols].permute(0, 3, 1, 2)
-
-    def color_jitter(self, x, factors, order):
-        "Brightness, contrast and saturation, each image in its own order."
-        x = x.clone()
-        for step in range(3):
-            for op in (BRIGHTNESS, CONTRAST, SATURATION):
-                idx = (order[:, step] == op).nonzero().flatten()
-                if len(idx): x[idx] = self._adjust(op, x[idx], factors[idx, op])
-        return x
+        return factors, torch.rand(n, 3, device=device).argsort(dim=1)
 
     @staticmethod
-    def _adjust(op, x, f):
-        if op == BRIGHTNESS: return _blend(x, torch.zeros_like(x), f)
-        if op == CONTRAST: return _blend(x, rgb_to_gray(x).mean(dim=(1, 2, 3), keepdim=True), f)
-        return _blend(x, rgb_to_gray(x), f)
+    def apply(x, factors, order):
+        "Blend each image of `x`, in place, with black, its mean grey or its grey image, in its own order, clamping after each step."
+        for step in range(3):
+            op = order[:, step].view(-1, 1, 1, 1)
+            f = factors.gather(1, order[:, step:step + 1]).view(-1, 1, 1, 1)
+            gray = rgb_to_gray(x)
+            # the blend target: 0 for brightness, the mean grey for contrast, the grey image for saturation
+            target = torch.addcmul(gray.mean(dim=(1, 2, 3), keepdim=True) * (op == CONTRAST), gray, (op == SATURATION).float())
+            # torchvision's _blend, f * x + (1 - f) * target, in place: large fresh tensors cost more than the arithmetic
+            x.mul_(f).add_(target.mul_(1 - f)).clamp_(0, 1)
+        return x
 
-    def encodes(self, x: TensorImage):
-        return TensorImage(self.apply(x, self.draw(len(x), x.device)))
+    # in place: the batch is IntToFloatTensor's fresh output
+    def encodes(self, x: TensorImage): return TensorImage(self.apply(x, *self.draw(len(x), x.device)))
 
 
 def lee19_tfms(size: int,              # side of the square images
                mean, std,              # per-channel statistics of the benchmark, images in 0..1
                augment: bool = True):  # add the training augmentation
-    "The batch transforms of a benchmark: to float, Lee19 augmentation (training only), normalisation."
-    tfms = [IntToFloatTensor()]
-    if augment: tfms.append(Lee19Augment(pad=lee19_padding(size)))
-    return tfms + [Normalize.from_stats(mean, std, cuda=False)]
+    "The batch transforms of a benchmark: crop and flip, to float, colour jitter, normalisation (augmentation in training only)."
+    aug = [BatchCropFlip(pad=lee19_padding(size)), BatchColorJitter()] if augment else []
+    # colour jitter commutes with the flip, so flipping with the crop leaves Lee19's crop-jitter-flip result unchanged
+    return sorted([IntToFloatTensor(), *aug, Normalize.from_stats(mean, std, cuda=False)], key=lambda t: t.order)

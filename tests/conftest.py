@@ -1,0 +1,54 @@
+"Fixtures shared by the tests: a local HTTP server that stands in for the download mirrors."
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+
+class _Handler(BaseHTTPRequestHandler):
+    "Serves the owner's `files`, honouring Range unless `ignore_range`; a web page for names in `html`; cuts `cut` names short once."
+    def do_GET(self):
+        srv, name = self.server.owner, self.path.lstrip('/')
+        srv.requests.append((name, self.headers.get('Range')))
+        if name in srv.html:
+            page = b'<!DOCTYPE html><html><body>Google Drive can\'t scan this file for viruses.</body></html>'
+            return self._send(200, page, {'Content-Type': 'text/html; charset=utf-8'})
+        if name not in srv.files: return self._send(404, b'not found', {})
+        data, start, headers = srv.files[name], 0, {'Content-Type': 'application/octet-stream'}
+        rng = self.headers.get('Range')
+        if rng and not srv.ignore_range:
+            start = int(rng.split('=')[1].split('-')[0])
+            if start >= len(data): return self._send(416, b'', {})
+            headers['Content-Range'] = f'bytes {start}-{len(data) - 1}/{len(data)}'
+        self._send(206 if start else 200, data[start:], headers, srv.cut.pop(name, None))
+
+    def _send(self, code, body, headers, cut=None):
+        self.send_response(code)
+        for k, v in {**headers, 'Content-Length': str(len(body))}.items(): self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body[:cut])
+
+    def log_message(self, *args): pass
+
+
+class LocalServer:
+    "A `ThreadingHTTPServer` on 127.0.0.1 and a free port, serving the bytes put in `files`."
+    def __init__(self):
+        self.files, self.html, self.cut, self.requests, self.ignore_range = {}, set(), {}, [], False
+        self.httpd = ThreadingHTTPServer(('127.0.0.1', 0), _Handler)
+        self.httpd.owner = self
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def url(self, name): return f'http://127.0.0.1:{self.httpd.server_address[1]}/{name}'
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    srv = LocalServer()
+    yield srv
+    srv.stop()
