@@ -1,0 +1,3 @@
+"The notebook surface: `from fsmtl.all import *`."
+from fastai.vision.all import *
+from .data import *

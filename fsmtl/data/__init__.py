@@ -1,0 +1,8 @@
+"Benchmarks, downloads, task sampling and augmentation for few-shot learning."
+from .core import *
+from .download import *
+from .benchmarks import *
+from .glyphs import *
+from .transforms import *
+from .tasks import *
+from .block import *

@@ -1,0 +1,41 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from fsmtl.cli import main
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    "Ten classes of eight small JPEGs each, one colour a class."
+    for c in range(10):
+        (tmp_path / 'images' / f'class{c}').mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(np.full((20, 24, 3), 20 * c + i, np.uint8)).save(tmp_path / 'images' / f'class{c}' / f'{i}.jpg')
+    return tmp_path / 'images'
+
+
+@pytest.mark.parametrize('flag', ['--no_download', '--no-download'])
+def test_data_summarises_a_folder(image_folder, tmp_path, capsys, flag):
+    png = tmp_path / 'batch.png'
+    assert main(['data', '--dataset', 'folder', '--root', str(image_folder), flag, '--show', str(png)]) == 0
+    out = capsys.readouterr().out
+    assert '84x84 images' in out  # folder images are resized to 84 by default
+    lines = [l.split() for l in out.splitlines() if l.strip().startswith(('train', 'val', 'test'))]
+    assert [(l[0], int(l[1]), int(l[3])) for l in lines] == [('train', 6, 48), ('val', 2, 16), ('test', 2, 16)]
+    assert png.stat().st_size > 1000
+
+
+def test_data_missing_files_offline(tmp_path, capsys):
+    assert main(['data', '--dataset', 'cifar-fs', '--root', str(tmp_path), '--no-download']) == 2
+    err = capsys.readouterr().err
+    assert 'cifar-100-python.tar.gz' in err and str(tmp_path / 'cifar100') in err
+
+
+def test_unknown_dataset(capsys):
+    assert main(['data', '--dataset', 'imagenet-1k']) == 2
+    assert 'mini-imagenet' in capsys.readouterr().err
+
+
+def test_no_command():
+    with pytest.raises(SystemExit): main([])
