@@ -123,3 +123,9 @@ def test_short_class_is_named():
     sp.train.labels[:20] = 0  # class 1 keeps 5 images... relabel so that one class is short
     sp.train.labels[25:45] = 0
     with pytest.raises(ValueError, match="s1c1"): mtl_dls(sp, **SMALL)
+
+
+def test_batches_go_to_fastais_default_device():
+    from fastai.torch_core import default_device
+    dls = mtl_dls(coded_splits(), val_episodes=2, test_episodes=2)
+    assert dls.device == default_device() and dls.train.one_batch()[0].device.type == default_device().type

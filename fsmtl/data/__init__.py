@@ -2,7 +2,6 @@
 from .core import *
 from .download import *
 from .benchmarks import *
-from .glyphs import *
 from .transforms import *
 from .tasks import *
 from .block import *

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 from fastai.data.block import CategoryBlock, DataBlock
 from fastai.data.core import DataLoaders
+from fastai.torch_core import default_device
 from fastai.vision.data import ImageBlock
 
 from .benchmarks import get_benchmark
@@ -66,7 +67,7 @@ def mtl_dls(name_or_splits='glyphs',      # a benchmark name for `get_benchmark`
             seed: int = 0,                # fixes the validation and test episodes
             augment: bool = True,         # Lee19 augmentation on training batches
             num_workers: int | None = None,  # loader processes; None: 0 for in-memory data, else all cores
-            device=None,                  # where batches go; None: fastai's default (GPU when there is one)
+            device=None,                  # where batches go and are augmented; None: fastai's default (GPU when there is one)
             download: bool = True,        # fetch missing benchmark files
             **kwargs) -> DataLoaders:     # passed to `get_benchmark`
     "DataLoaders of a benchmark: multi-task training batches, then fixed validation and test episodes (`dls[2]`)."
@@ -80,6 +81,7 @@ def mtl_dls(name_or_splits='glyphs',      # a benchmark name for `get_benchmark`
     if meta_batch_size < 1 or epoch_length < meta_batch_size:
         raise ValueError(f"epoch_length ({epoch_length}) must hold at least one batch of meta_batch_size ({meta_batch_size}) tasks")
     block, pool = mtl_block(splits, augment=augment)
+    if device is None: device = default_device()
     dsets = block.datasets(splits)
     if num_workers is None: num_workers = 0 if splits.train.in_memory else None
     common = dict(after_batch=block.batch_tfms, vocab=pool.vocab, num_workers=num_workers, device=device)
