@@ -51,7 +51,7 @@ def test_padding_by_size():
 def test_pipeline_train_augments_and_eval_only_normalises():
     sp = coded_splits()
     dls = mtl_dls(sp, meta_batch_size=2, epoch_length=4, val_episodes=3, test_episodes=3, device='cpu')
-    assert [type(t).__name__ for t in dls.train.after_batch.fs] == ['BatchCropFlip', 'IntToFloatTensor', 'BatchColorJitter', 'Normalize']
+    assert [type(t).__name__ for t in dls.train.after_batch.fs] == ['BatchCropFlip', 'IntToFloatTensor', 'BatchColorJitter', 'NormalizeInPlace']
     x, y = dls.valid.one_batch()
     raw = torch.from_numpy(sp.val.load(dls.valid.episodes[:len(x) // 100].flatten())).permute(0, 3, 1, 2).float() / 255
     mean, std = torch.tensor(sp.mean).view(1, 3, 1, 1), torch.tensor(sp.std).view(1, 3, 1, 1)
@@ -66,8 +66,8 @@ def test_pipeline_train_augments_and_eval_only_normalises():
 def test_augment_off():
     dls = mtl_dls(coded_splits(), meta_batch_size=2, epoch_length=4, val_episodes=3, test_episodes=3,
                   augment=False, device='cpu')
-    assert [type(t).__name__ for t in dls.train.after_batch.fs] == ['IntToFloatTensor', 'Normalize']
-    assert [type(t).__name__ for t in lee19_tfms(32, (0.5,) * 3, (0.2,) * 3, augment=False)] == ['IntToFloatTensor', 'Normalize']
+    assert [type(t).__name__ for t in dls.train.after_batch.fs] == ['IntToFloatTensor', 'NormalizeInPlace']
+    assert [type(t).__name__ for t in lee19_tfms(32, (0.5,) * 3, (0.2,) * 3, augment=False)] == ['IntToFloatTensor', 'NormalizeInPlace']
 
 
 def test_batch_transform_keeps_type_and_device():
@@ -77,3 +77,14 @@ def test_batch_transform_keeps_type_and_device():
         assert isinstance(out, TensorImage) and out.shape == x.shape and out.device == x.device
         assert not torch.equal(out, x)
         assert torch.equal(tfm(x, split_idx=1), x)  # not applied outside training
+
+
+def test_jitter_in_chunks_equals_whole_batch():
+    "The transform jitters big batches a few images at a time; the result must be that of one call on the whole batch."
+    x = TensorImage(torch.rand(200, 3, 84, 84))  # more than one chunk of 84-pixel images
+    jitter = BatchColorJitter()
+    torch.manual_seed(5)
+    out = jitter(x.clone(), split_idx=0)
+    torch.manual_seed(5)
+    want = jitter.apply(x.clone().as_subclass(torch.Tensor), *jitter.draw(len(x)))
+    torch.testing.assert_close(out.as_subclass(torch.Tensor), want, atol=1e-6, rtol=0)

@@ -7,7 +7,7 @@ from fastai.data.transforms import IntToFloatTensor, Normalize
 from fastai.vision.core import TensorImage
 from fasttransform import Transform
 
-__all__ = ['BatchCropFlip', 'BatchColorJitter', 'lee19_padding', 'lee19_tfms', 'rgb_to_gray']
+__all__ = ['BatchCropFlip', 'BatchColorJitter', 'NormalizeInPlace', 'lee19_padding', 'lee19_tfms', 'rgb_to_gray']
 
 BRIGHTNESS, CONTRAST, SATURATION = 0, 1, 2  # torchvision's ColorJitter operations; hue is off in Lee19
 
@@ -77,8 +77,18 @@ class BatchColorJitter(Transform):
             x.mul_(f).add_(target.mul_(1 - f)).clamp_(0, 1)
         return x
 
-    # in place: the batch is IntToFloatTensor's fresh output
-    def encodes(self, x: TensorImage): return TensorImage(self.apply(x, *self.draw(len(x), x.device)))
+    def encodes(self, x: TensorImage):
+        # In place (the batch is IntToFloatTensor's fresh output), a few images at a time: on a CPU, temporaries of
+        # a few MB are reused by the allocator, batch-sized ones come fresh from the OS every time (twice as slow).
+        factors, order = self.draw(len(x), x.device)
+        n = max(1, 2 ** 19 // (x.shape[-2] * x.shape[-1]))
+        for chunk in zip(x.split(n), factors.split(n), order.split(n)): self.apply(*chunk)
+        return x
+
+
+class NormalizeInPlace(Normalize):
+    "fastai's `Normalize`, in place on the float batch the pipeline has just made: it spares two batch-sized tensors."
+    def encodes(self, x: TensorImage): return x.sub_(self.mean).div_(self.std)
 
 
 def lee19_tfms(size: int,              # side of the square images
@@ -87,4 +97,4 @@ def lee19_tfms(size: int,              # side of the square images
     "The batch transforms of a benchmark: crop and flip, to float, colour jitter, normalisation (augmentation in training only)."
     aug = [BatchCropFlip(pad=lee19_padding(size)), BatchColorJitter()] if augment else []
     # colour jitter commutes with the flip, so flipping with the crop leaves Lee19's crop-jitter-flip result unchanged
-    return sorted([IntToFloatTensor(), *aug, Normalize.from_stats(mean, std, cuda=False)], key=lambda t: t.order)
+    return sorted([IntToFloatTensor(), *aug, NormalizeInPlace.from_stats(mean, std, cuda=False)], key=lambda t: t.order)
