@@ -8,9 +8,8 @@ import torch
 import learn2learn as l2l
 from fastai.data.core import TfmdDL
 from fastai.torch_core import TensorCategory
-from fastai.vision.core import TensorImage
+from fastai.vision.core import TensorImage, show_image
 from fastai.vision.data import get_grid
-from fastai.vision.core import show_image
 
 from .core import Split
 
