@@ -12,7 +12,7 @@ from .core import SPLITS, FewShotSplits
 from .tasks import EpisodeDL, TaskDL, check_task_size
 from .transforms import lee19_tfms
 
-__all__ = ['mtl_block', 'mtl_dls']
+__all__ = ['mtl_block', 'mtl_dls', 'episode_dl']
 
 
 class _Pool:
@@ -87,9 +87,36 @@ def mtl_dls(name_or_splits='glyphs',      # a benchmark name for `get_benchmark`
     common = dict(after_batch=block.batch_tfms, vocab=pool.vocab, num_workers=num_workers, device=device)
     train = TaskDL(dsets.subset(0), split=splits.train, ways=train_ways, per_class=train_shots + train_queries,
                    n=epoch_length, bs=meta_batch_size, **common)
-    evals = [EpisodeDL(dsets.subset(k), split=splits[s], ways=test_ways, shots=shots, queries=test_queries, n=n,
-                       bs=bs_episodes, seed=seed, label_offset=int(pool.class_offsets[s]), **common)
-             for k, (s, n) in enumerate([('val', val_episodes), ('test', test_episodes)], start=1)]
+    evals = [_episode_dl(dsets, pool, s, test_ways, shots, test_queries, n, bs_episodes, seed, common)
+             for s, n in [('val', val_episodes), ('test', test_episodes)]]
     dls = DataLoaders(train, *evals, path=root, device=device)
     dls.splits, dls.test_shots = splits, test_shots
     return dls
+
+
+def _episode_dl(dsets, pool, split, ways, shots, queries, n, bs, seed, common):
+    "The `EpisodeDL` of `split` over the DataBlock's datasets of all three splits."
+    k = SPLITS.index(split)
+    return EpisodeDL(dsets.subset(k), split=pool.splits[split], ways=ways, shots=shots, queries=queries, n=n, bs=bs,
+                     seed=seed, label_offset=int(pool.class_offsets[split]), **common)
+
+
+def episode_dl(splits: FewShotSplits,      # the benchmark
+               split: str = 'test',        # 'val' or 'test' (or 'train', to probe base classes)
+               ways: int = 5,              # classes in an episode
+               shots: int = 5,             # support images of each class
+               queries: int = 15,          # query images of each class
+               n: int = 2000,              # episodes
+               bs: int = 8,                # episodes in a batch
+               seed: int = 0,              # fixes the episodes: the same as `mtl_dls` draws for the same arguments
+               device=None,                # where batches go; None: fastai's default
+               num_workers: int | None = None):  # loader processes; None: 0 for in-memory data, else all cores
+    "Fixed, seeded evaluation episodes of one split of `splits`, normalised as `mtl_dls`'s evaluation batches are."
+    split = 'val' if split == 'valid' else split
+    if split not in SPLITS: raise ValueError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    check_task_size(splits[split], ways, shots + queries, split, splits.name)
+    block, pool = mtl_block(splits, augment=False)
+    if num_workers is None: num_workers = 0 if splits[split].in_memory else None
+    common = dict(after_batch=block.batch_tfms, vocab=pool.vocab, num_workers=num_workers,
+                  device=default_device() if device is None else device)
+    return _episode_dl(block.datasets(splits), pool, split, ways, shots, queries, n, bs, seed, common)

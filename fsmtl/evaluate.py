@@ -1,0 +1,119 @@
+"The episodic test: a probe fitted on each episode's support features, scored on its queries; mean accuracy and 95% CI."
+from __future__ import annotations
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from fastai.learner import Learner
+from fastcore.basics import patch
+from fastprogress.fastprogress import progress_bar
+
+from .data.benchmarks import get_benchmark
+from .data.block import episode_dl
+from .data.core import FewShotSplits
+from .features import extract_features, model_device
+from .probe import get_probe
+
+__all__ = ['EvalResult', 'EvalResults', 'ci95', 'episodic_accuracy', 'evaluate']
+
+
+def ci95(accs) -> float:
+    "Half-width of the 95% confidence interval of the mean of `accs`: 1.96 * std / sqrt(n), std over the episodes."
+    accs = np.asarray(accs, dtype=np.float64)
+    return float(1.96 * accs.std() / np.sqrt(len(accs)))
+
+
+@dataclass
+class EvalResult:
+    "Accuracy of `ways`-way `shots`-shot episodes: `mean` and `ci95` as fractions, the per-episode `accs`; shown as `77.72 ± 0.09%`."
+    accs: np.ndarray = field(repr=False)   # accuracy of each episode, 0..1
+    ways: int = 5                          # classes in an episode
+    shots: int = 5                         # support images of each class
+    queries: int = 15                      # query images of each class
+
+    @property
+    def mean(self) -> float: return float(np.mean(self.accs))
+    @property
+    def ci95(self) -> float: return ci95(self.accs)
+    @property
+    def episodes(self) -> int: return len(self.accs)
+
+    def __repr__(self): return f"{100 * self.mean:.2f} ± {100 * self.ci95:.2f}%"
+    def __str__(self): return f"{self.ways}-way {self.shots}-shot: {self!r} ({self.episodes} episodes)"
+
+
+class EvalResults(dict):
+    "`EvalResult`s by shot count, one line each."
+    def __repr__(self): return '\n'.join(str(r) for r in self.values())
+
+
+def episodic_accuracy(model,                     # a backbone, or a model with a `backbone`
+                      dl,                        # an `EpisodeDL`: fixed episodes, class-major, supports first
+                      shots=(1, 5),              # shot counts to score; each uses the first supports of a class
+                      probe='logistic',          # a probe name for `get_probe`, or a probe
+                      chunk: int = 256,          # images a forward pass
+                      group: int = 2 ** 15,      # feature rows kept before the probe runs on their episodes
+                      progress: bool = False):   # show a progress bar
+    "Per-episode query accuracy of `dl`'s episodes for each shot count, all from one pass of feature extraction."
+    shots = [shots] if isinstance(shots, int) else list(shots)
+    if max(shots) > dl.shots: raise ValueError(f"the episodes have {dl.shots} support images a class, fewer than {max(shots)} shots")
+    accs, held = {s: [] for s in shots}, []
+    def score():
+        f = torch.cat(held).view(-1, dl.ways, dl.shots + dl.queries, held[0].shape[-1])
+        held.clear()
+        q = f[:, :, dl.shots:].flatten(1, 2)
+        yq = torch.arange(dl.ways, device=f.device).repeat_interleave(dl.queries)
+        for s in shots:
+            y = torch.arange(dl.ways, device=f.device).repeat_interleave(s).expand(len(f), -1)
+            pred = get_probe(probe).fit(f[:, :, :s].flatten(1, 2), y).predict(q)
+            accs[s].append((pred == yq).float().mean(1).cpu())
+    rows = 0
+    for x, _ in (progress_bar(dl, leave=False) if progress else dl):
+        held.append(extract_features(model, x, chunk))
+        rows += len(held[-1])
+        if rows >= group: score(); rows = 0
+    if held: score()
+    return {s: torch.cat(a).numpy() for s, a in accs.items()}
+
+
+def _episodes_source(data, split):
+    "The `FewShotSplits` behind `data`: the splits themselves, `mtl_dls`'s DataLoaders, or a benchmark name."
+    if isinstance(data, FewShotSplits): return data
+    if isinstance(data, str): return get_benchmark(data)
+    if hasattr(data, 'splits'): return data.splits
+    raise TypeError(f"cannot take {split} episodes from {type(data).__name__}: pass FewShotSplits, "
+                    "DataLoaders from mtl_dls, or a benchmark name")
+
+
+# defined before the function it calls, so that the module's name `evaluate` stays that function
+@patch
+def evaluate(self: Learner, splits_or_dls=None, **kwargs):
+    "The episodic test of this learner's backbone (see `evaluate`, defined below); episodes from its DataLoaders by default."
+    return evaluate(self, splits_or_dls, **kwargs)
+
+
+def evaluate(learn_or_model,                 # a `Learner`, a model with a `backbone`, or a backbone
+             splits_or_dls=None,             # `FewShotSplits`, `mtl_dls`'s DataLoaders, or a benchmark name; None: the learner's
+             split: str = 'test',            # 'test' for the final test, 'val' for validation classes
+             ways: int = 5,                  # classes in an episode
+             shots=(1, 5),                   # shot counts, all scored on the same episodes and query images
+             queries: int = 15,              # query images of each class
+             episodes: int = 2000,           # episodes
+             probe='logistic',               # 'logistic' (= 'l2'), 'sklearn', 'proto', or a probe
+             seed: int = 0,                  # fixes the episodes
+             chunk: int = 256,               # images loaded and passed forward at once: bounds memory
+             progress: bool = True):         # show a progress bar
+    "The episodic test of a backbone: an `EvalResult` (mean ± 95% CI) per shot count, an `EvalResults` when `shots` is a tuple."
+    learn = learn_or_model if isinstance(learn_or_model, Learner) else None
+    model = learn.model if learn is not None else learn_or_model
+    if splits_or_dls is None:
+        if learn is None: raise ValueError("pass the episodes' source: FewShotSplits, mtl_dls's DataLoaders, or a benchmark name")
+        splits_or_dls = learn.dls
+    splits = _episodes_source(splits_or_dls, split)
+    most = max([shots] if isinstance(shots, int) else shots)
+    per_episode = ways * (most + queries)
+    dl = episode_dl(splits, split, ways, most, queries, n=episodes, bs=max(1, chunk // per_episode), seed=seed,
+                    device=model_device(model))
+    accs = episodic_accuracy(model, dl, shots, probe=probe, chunk=chunk, progress=progress)
+    results = EvalResults({s: EvalResult(a, ways, s, queries) for s, a in accs.items()})
+    return results if not isinstance(shots, int) else results[shots]

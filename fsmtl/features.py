@@ -1,0 +1,41 @@
+"Features of a backbone for the probes: in eval mode, without autograd, a bounded number of images at a time, L2-normalised."
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ['feature_model', 'model_device', 'extract_features']
+
+
+def feature_model(model: nn.Module) -> nn.Module:
+    "The part of `model` that maps images to features: its `backbone` when it has one, else `model` itself."
+    return getattr(model, 'backbone', model)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    "The device of `model`'s first parameter (the CPU for a model without parameters)."
+    return next(model.parameters(), torch.empty(0)).device
+
+
+def _forward(m: nn.Module, x):
+    # a timm model that still has its classifier gives its pooled features through forward_head(pre_logits=True)
+    if getattr(m, 'num_classes', 0) and hasattr(m, 'forward_head'):
+        return m.forward_head(m.forward_features(x), pre_logits=True)
+    return m(x)
+
+
+def extract_features(model: nn.Module,         # a backbone, or a model with a `backbone`
+                     x: torch.Tensor,          # normalised images (N, C, H, W)
+                     chunk: int = 256,         # images a forward pass: bounds the activations held at once
+                     normalize: bool = True):  # L2-normalise each feature vector, as the probes expect
+    "Features (N, D) of the images `x`, `chunk` at a time, in eval mode and without autograd; the model's mode is restored."
+    m = feature_model(model)
+    training = m.training
+    m.eval()
+    try:
+        with torch.no_grad():
+            out = torch.cat([_forward(m, c).flatten(1).float() for c in x.as_subclass(torch.Tensor).split(chunk)])
+    finally:
+        m.train(training)
+    return F.normalize(out, dim=-1) if normalize else out
