@@ -37,6 +37,32 @@ def _data(args):
         print(f"a training batch, tasks as rows: {args.show}")
 
 
+def _predict(args):
+    "Fit a classifier on the support folder's class folders and print the label of each image of the query folder."
+    import csv
+    from pathlib import Path
+    from .classifier import IMAGE_EXTENSIONS, FewShotClassifier, image_files
+    from .data.benchmarks import _class_dirs
+    support, query = Path(args.support).expanduser(), Path(args.query).expanduser()
+    for d in (support, query):
+        if not d.is_dir(): raise FileNotFoundError(f"No folder {d}")
+    exts = f"(judged by extension: {' '.join(IMAGE_EXTENSIONS)})"
+    dirs = _class_dirs(support)
+    if len(dirs) < 2:
+        raise ValueError(f"{support} has {len(dirs)} class folder(s): give one folder of example images per class, two at least")
+    files = [image_files(d) for d in dirs]
+    if empty := [str(d) for d, f in zip(dirs, files) if not f]:
+        raise ValueError(f"These class folders hold no images {exts}: {', '.join(empty)}")
+    queries = image_files(query)
+    if not queries: raise ValueError(f"{query} holds no images {exts}: put the images to classify directly in it")
+    clf = FewShotClassifier.from_checkpoint(args.checkpoint, probe=args.probe)
+    clf.fit(sum(files, []), [d.name for d, f in zip(dirs, files) for _ in f])
+    rows = [(q.name, label, f'{p:.4f}') for q, label, p in zip(queries, *clf.predict(queries))]
+    for r in rows: print('\t'.join(r))
+    if args.out:
+        with open(args.out, 'w', newline='') as f: csv.writer(f).writerows([('file', 'label', 'probability'), *rows])
+
+
 def main(argv=None):
     "Entry point of the `fsmtl` command."
     p = argparse.ArgumentParser(prog='fsmtl', description='Multi-task learning for few-shot image classification.')
@@ -49,6 +75,18 @@ def main(argv=None):
     _flag(d, 'no_download', action='store_true', help='fail, naming the missing files, instead of downloading them')
     _flag(d, 'show', metavar='PNG', help='save a picture of a training batch here')
     d.set_defaults(run=_data)
+    q = sub.add_parser('predict', help='classify images of new classes from a few examples of each',
+                       description='Classify the images of a query folder into new classes, each given by a few example '
+                                   'images, with the backbone of a checkpoint and a probe fitted on the examples. '
+                                   'Prints one line per query image: file name, label, probability.')
+    _flag(q, 'checkpoint', required=True, metavar='PATH',
+          help='a saved FewShotClassifier, or any checkpoint with the backbone and its arch, size, mean and std')
+    _flag(q, 'support', required=True, metavar='DIR', help='a folder of class folders of example images; folder name = class')
+    _flag(q, 'query', required=True, metavar='DIR', help='a folder of the images to classify, taken in order of file name')
+    _flag(q, 'probe', default='logistic', choices=['logistic', 'sklearn', 'proto'],
+          help='classifier fitted on the features of the examples (default: logistic)')
+    _flag(q, 'out', metavar='CSV', help='also write the predictions here, as file,label,probability')
+    q.set_defaults(run=_predict)
     args = p.parse_args(argv)
     try: args.run(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -14,7 +14,7 @@ from .data.core import FewShotSplits
 from .features import extract_features, model_device
 from .probe import get_probe
 
-__all__ = ['EvalResult', 'EvalResults', 'ci95', 'episodic_accuracy', 'evaluate']
+__all__ = ['EvalResult', 'EvalResults', 'EpisodeScorer', 'ci95', 'episodic_accuracy', 'evaluate']
 
 
 def ci95(accs) -> float:
@@ -47,6 +47,43 @@ class EvalResults(dict):
     def __repr__(self): return '\n'.join(str(r) for r in self.values())
 
 
+class EpisodeScorer:
+    "Takes the features of episodes batch by batch and scores them with a probe, `group` feature rows at a time."
+    def __init__(self,
+                 ways: int,              # classes in an episode
+                 per_class: int,         # images of a class in an episode: supports first, then `queries`
+                 queries: int,           # query images of a class
+                 shots=(1, 5),           # shot counts to score; each uses the first supports of a class
+                 probe='logistic',       # a probe name for `get_probe`, or a probe
+                 group: int = 2 ** 15):  # feature rows kept before the probe runs on their episodes
+        self.ways, self.per_class, self.queries, self.probe, self.group = ways, per_class, queries, probe, group
+        self.shots = [shots] if isinstance(shots, int) else list(shots)
+        if max(self.shots) > per_class - queries:
+            raise ValueError(f"the episodes have {per_class - queries} support images a class, fewer than {max(self.shots)} shots")
+        self.accs, self.held, self.rows = {s: [] for s in self.shots}, [], 0
+
+    def add(self, features):
+        "Features (n * ways * per_class, D) of whole episodes, in the order of their images."
+        self.held.append(features)
+        self.rows += len(features)
+        if self.rows >= self.group: self._score()
+
+    def _score(self):
+        f = torch.cat(self.held).view(-1, self.ways, self.per_class, self.held[0].shape[-1])
+        self.held, self.rows = [], 0
+        q = f[:, :, self.per_class - self.queries:].flatten(1, 2)
+        yq = torch.arange(self.ways, device=f.device).repeat_interleave(self.queries)
+        for s in self.shots:
+            y = torch.arange(self.ways, device=f.device).repeat_interleave(s).expand(len(f), -1)
+            pred = get_probe(self.probe).fit(f[:, :, :s].flatten(1, 2), y).predict(q)
+            self.accs[s].append((pred == yq).float().mean(1).cpu())
+
+    def result(self) -> dict:
+        "Per-episode accuracy of each shot count."
+        if self.held: self._score()
+        return {s: torch.cat(a).numpy() if a else np.zeros(0) for s, a in self.accs.items()}
+
+
 def episodic_accuracy(model,                     # a backbone, or a model with a `backbone`
                       dl,                        # an `EpisodeDL`: fixed episodes, class-major, supports first
                       shots=(1, 5),              # shot counts to score; each uses the first supports of a class
@@ -55,25 +92,9 @@ def episodic_accuracy(model,                     # a backbone, or a model with a
                       group: int = 2 ** 15,      # feature rows kept before the probe runs on their episodes
                       progress: bool = False):   # show a progress bar
     "Per-episode query accuracy of `dl`'s episodes for each shot count, all from one pass of feature extraction."
-    shots = [shots] if isinstance(shots, int) else list(shots)
-    if max(shots) > dl.shots: raise ValueError(f"the episodes have {dl.shots} support images a class, fewer than {max(shots)} shots")
-    accs, held = {s: [] for s in shots}, []
-    def score():
-        f = torch.cat(held).view(-1, dl.ways, dl.shots + dl.queries, held[0].shape[-1])
-        held.clear()
-        q = f[:, :, dl.shots:].flatten(1, 2)
-        yq = torch.arange(dl.ways, device=f.device).repeat_interleave(dl.queries)
-        for s in shots:
-            y = torch.arange(dl.ways, device=f.device).repeat_interleave(s).expand(len(f), -1)
-            pred = get_probe(probe).fit(f[:, :, :s].flatten(1, 2), y).predict(q)
-            accs[s].append((pred == yq).float().mean(1).cpu())
-    rows = 0
-    for x, _ in (progress_bar(dl, leave=False) if progress else dl):
-        held.append(extract_features(model, x, chunk))
-        rows += len(held[-1])
-        if rows >= group: score(); rows = 0
-    if held: score()
-    return {s: torch.cat(a).numpy() for s, a in accs.items()}
+    scorer = EpisodeScorer(dl.ways, dl.per_class, dl.queries, shots, probe, group)
+    for x, _ in (progress_bar(dl, leave=False) if progress else dl): scorer.add(extract_features(model, x, chunk))
+    return scorer.result()
 
 
 def _episodes_source(data, split):

@@ -52,3 +52,10 @@ def server():
     srv = LocalServer()
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope='session')
+def glyph_splits(tmp_path_factory):
+    "The embedded glyphs benchmark, rendered once for the whole session."
+    from fsmtl.data.glyphs import glyphs
+    return glyphs(tmp_path_factory.mktemp('glyph-data'), progress=False)

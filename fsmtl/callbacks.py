@@ -1,0 +1,113 @@
+"`EpisodicEval`: novel-class validation during training, reported as metrics that fastai's trackers can monitor."
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from fastai.callback.core import Callback, CancelBatchException
+from fastai.learner import Recorder, ValueMetric
+from fastcore.basics import store_attr
+
+from .data.block import episode_dl
+from .data.tasks import EpisodeDL
+from .evaluate import EpisodeScorer, EvalResult, EvalResults, ci95, episodic_accuracy
+from .features import extract_features, model_device
+
+__all__ = ['EpisodicEval']
+
+# epochs that skip validation hand fastai an empty loader, on purpose
+warnings.filterwarnings('ignore', message='Your generator is empty', module='fastprogress')
+
+
+class EpisodicEval(Callback):
+    "Score fixed validation episodes every `every` epochs and report `episodic_acc` and `episodic_ci` (95% CI half-width); `results` keeps the last `EvalResults`."
+    order = Recorder.order - 1   # its metrics must exist when the Recorder names its columns and logs them
+
+    def __init__(self,
+                 every: int = 1,             # score every this many epochs, and after the last; other epochs show nan
+                 episodes: int = 400,        # fixed validation episodes
+                 ways: int = 5,              # classes in an episode
+                 shots=5,                    # support images a class; a tuple like (1, 5) adds a column a shot count
+                 queries: int = 15,          # query images a class
+                 probe='logistic',           # 'logistic' (= 'l2'), 'sklearn', 'proto', or a probe
+                 seed: int = 0,              # fixes the episodes
+                 split: str = 'val',         # the split of the DataLoaders' benchmark to draw episodes from
+                 chunk: int = 256):          # images loaded and passed forward at once
+        store_attr()
+        if every < 1: raise ValueError(f"every must be at least 1, got {every}")
+        self.shot_counts = sorted({shots} if isinstance(shots, int) else set(shots))
+        self.value, self.results, self._dl, self._in_fit = {}, None, None, False
+
+    def _names(self, s):
+        "Metric names of shot count `s`: the largest is `episodic_acc`/`episodic_ci`, others carry their shots."
+        tag = '' if s == self.shot_counts[-1] else f'_{s}shot'
+        return f'episodic_acc{tag}', f'episodic_ci{tag}'
+
+    def _add_metrics(self):
+        have = set(self.learn.metrics.attrgot('name'))
+        # the largest shot count's columns come first: they are the ones trackers usually monitor
+        names = [n for s in reversed(self.shot_counts) for n in self._names(s)]
+        new = [ValueMetric(lambda n=n: self.value.get(n, float('nan')), n) for n in names if n not in have]
+        if new: self.learn.metrics = self.learn.metrics + new
+
+    def episode_loader(self) -> EpisodeDL:
+        "The validation episodes: drawn once from the DataLoaders' benchmark (`mtl_dls` sets `dls.splits`)."
+        dls, device = self.learn.dls, model_device(self.learn.model)
+        key = (id(dls), str(device))
+        if self._dl is None or self._key != key:
+            splits, most = getattr(dls, 'splits', None), self.shot_counts[-1]
+            if splits is not None:
+                bs = max(1, self.chunk // (self.ways * (most + self.queries)))
+                self._dl = episode_dl(splits, self.split, self.ways, most, self.queries, n=self.episodes, bs=bs,
+                                      seed=self.seed, device=device)
+            elif isinstance(dls.valid, EpisodeDL) and dls.valid.shots >= most:
+                self._dl = dls.valid
+            else:
+                raise ValueError("EpisodicEval draws its episodes from the benchmark of DataLoaders made by mtl_dls "
+                                 "(dls.splits), or uses dls.valid when it is an EpisodeDL with enough shots")
+            self._key = key
+        return self._dl
+
+    def before_fit(self):
+        self._in_fit, self.value = True, {}
+        self._add_metrics()
+
+    def after_fit(self): self._in_fit = False
+
+    def before_validate(self):
+        self.scorer = None
+        if hasattr(self.learn, 'lr_finder'): return
+        self._add_metrics()
+        due = not self._in_fit or (self.epoch + 1) % self.every == 0 or self.epoch + 1 == self.n_epoch
+        self.value = {}
+        if not isinstance(self.learn.dls.valid, EpisodeDL):
+            # the DataLoaders' own validation set is left to fastai; the episodes are scored beside it
+            if due: self.value = self.score()
+        elif due:
+            # fastai's loop runs over the episodes (with its progress bar); `before_batch` takes their features
+            dl = self.learn.dl = self.episode_loader()
+            self.scorer = EpisodeScorer(dl.ways, dl.per_class, dl.queries, self.shot_counts, self.probe)
+        else:
+            self.learn.dl = []   # nothing to score this epoch, and no loss to compute on novel classes
+
+    def before_batch(self):
+        if self.training or self.scorer is None: return
+        self.scorer.add(extract_features(self.learn.model, self.learn.xb[0], self.chunk))
+        self.learn.yb = ()   # the Recorder then leaves the validation loss alone: there is none on novel classes
+        raise CancelBatchException
+
+    def after_validate(self):
+        if self.scorer is not None: self.value, self.scorer = self._metrics(self.scorer.result()), None
+
+    def score(self) -> dict:
+        "Accuracy and CI half-width of each shot count on the validation episodes, by metric name."
+        return self._metrics(episodic_accuracy(self.learn.model, self.episode_loader(), self.shot_counts,
+                                               probe=self.probe, chunk=self.chunk))
+
+    def _metrics(self, accs) -> dict:
+        self.results = EvalResults({s: EvalResult(a, self.ways, s, self.queries) for s, a in accs.items()})
+        out = {}
+        for s, a in accs.items():
+            acc, ci = self._names(s)
+            out[acc], out[ci] = float(np.mean(a)), ci95(a)
+        return out

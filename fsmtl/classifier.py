@@ -1,0 +1,204 @@
+"`FewShotClassifier`: images of new classes told apart by a trained backbone's features and a probe fitted on a few examples."
+from __future__ import annotations
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .data.core import _decode
+from .features import extract_features, feature_model, model_device
+from .probe import get_probe
+
+__all__ = ['FewShotClassifier', 'image_batch', 'image_files', 'IMAGE_EXTENSIONS', 'CHECKPOINT_KEYS']
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
+CHECKPOINT_KEYS = ('arch', 'arch_kwargs', 'backbone', 'size', 'mean', 'std')   # what `from_checkpoint` needs
+
+
+def image_files(folder) -> list:
+    "The image files directly in `folder` (judged by extension, hidden files skipped), sorted by name."
+    return sorted(f for f in Path(folder).iterdir()
+                  if f.is_file() and not f.name.startswith('.') and f.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _items(images) -> list:
+    "`images` as a list of single images: a batch (N, 3, H, W) tensor or (N, H, W, 3) uint8 array is split, one path or PIL image wrapped."
+    if isinstance(images, (str, Path, Image.Image)): return [images]
+    if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim != 4:
+        raise ValueError(f"an array of shape {tuple(images.shape)} is not a batch: pass a (N, 3, H, W) tensor, "
+                         "a (N, H, W, 3) uint8 array, or a list of images")
+    return list(images)
+
+
+def _image(im, size: int) -> torch.Tensor:
+    "One image (path, PIL image, uint8 HxWx3 array, or 3xHxW tensor: uint8 0..255, float 0..1) as float (3, size, size) in 0..1."
+    if isinstance(im, torch.Tensor):
+        im = im.detach().cpu()
+        if im.dim() != 3 or im.shape[0] not in (1, 3):
+            raise ValueError(f"image tensors must be (3, H, W), got {tuple(im.shape)}")
+        if im.dtype == torch.uint8: im = im.expand(3, -1, -1).permute(1, 2, 0).numpy()   # resized as the arrays are
+        else:
+            im = im.float().expand(3, -1, -1)
+            if im.shape[1:] == (size, size): return im
+            # channel by channel as 32-bit float images, so that PIL's bilinear resize keeps the precision
+            return torch.from_numpy(np.stack([np.asarray(Image.fromarray(c).resize((size, size), Image.BILINEAR))
+                                              for c in np.ascontiguousarray(im.numpy())]))
+    if isinstance(im, np.ndarray):
+        if im.dtype != np.uint8: raise ValueError(f"image arrays must be uint8 (H, W, 3), got {im.dtype}: pass float "
+                                                  "images as (3, H, W) tensors in 0..1")
+        im = Image.fromarray(im[..., 0] if im.ndim == 3 and im.shape[-1] == 1 else im)
+    if isinstance(im, Image.Image):
+        im = im.convert('RGB')
+        if im.size != (size, size): im = im.resize((size, size), Image.BILINEAR)
+        im = np.asarray(im)
+    elif isinstance(im, (str, Path, bytes)): im = _decode(im, size)
+    else: raise TypeError(f"cannot read an image from {type(im).__name__}: pass file paths, PIL images, arrays or tensors")
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255
+
+
+def image_batch(images,   # file paths, PIL images, uint8 (H, W, 3) arrays, (3, H, W) tensors, or a (N, 3, H, W) tensor
+                size: int,  # side of the square images the backbone takes
+                mean,       # per-channel mean of images in 0..1
+                std):       # per-channel std of images in 0..1
+    "`images` as a normalised float (N, 3, size, size) CPU tensor: RGB, resized by PIL's bilinear filter, (x/255 - mean) / std."
+    items = _items(images)
+    x = torch.stack([_image(im, size) for im in items]) if items else torch.zeros(0, 3, size, size)
+    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+class FewShotClassifier:
+    "Classifies images of new classes from a few labelled examples: a probe on a backbone's L2-normalised features."
+    def __init__(self,
+                 backbone: nn.Module,      # the trained backbone (a model with a `backbone` gives that)
+                 size: int,                # side of the square images the backbone was trained on
+                 mean,                     # per-channel mean of images in 0..1, as in training
+                 std,                      # per-channel std of images in 0..1, as in training
+                 probe='logistic',         # 'logistic', 'sklearn' or 'proto' (see `get_probe`), or a probe
+                 C: float = 3.,            # inverse regularisation strength of the logistic probes
+                 arch: str | None = None,  # timm name of the backbone's architecture, for `save`; None: found on the backbone
+                 arch_kwargs: dict | None = None,  # keyword arguments of `timm.create_model` that rebuild the backbone
+                 chunk: int = 256):        # images read and passed forward at once
+        self.backbone, self.size, self.chunk = feature_model(backbone), int(size), chunk
+        self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
+        self.probe, self.C, self.arch, self.arch_kwargs = probe, float(C), arch, arch_kwargs
+        get_probe(probe, C)   # an unknown probe name fails here rather than in `fit`
+
+    def __repr__(self):
+        "The backbone's class, image size, probe and classes."
+        fitted = f"{len(self.classes)} classes" if hasattr(self, 'classes') else 'not fitted'
+        return f"FewShotClassifier({type(self.backbone).__name__}, {self.size}px, {self.probe} probe, {fitted})"
+
+    @classmethod
+    def from_learner(cls, learn, probe='logistic', **kw):
+        "An unfitted classifier on the backbone of `learn`, with its benchmark's image size and normalisation."
+        s = learn.dls.splits
+        return cls(feature_model(learn.model), s.size, s.mean, s.std, probe, **kw)
+
+    def features(self, images) -> torch.Tensor:
+        "L2-normalised features (N, D) of `images`, on the backbone's device; `chunk` images are read at a time."
+        items, device = _items(images), model_device(self.backbone)
+        if not items: raise ValueError("no images given")
+        return torch.cat([extract_features(self.backbone, image_batch(items[i:i + self.chunk], self.size, self.mean,
+                                                                      self.std).to(device), self.chunk)
+                          for i in range(0, len(items), self.chunk)])
+
+    def fit(self, support, labels):
+        "Fit the probe on the `support` images and their `labels` (any hashable values; classes in order of first appearance)."
+        items = _items(support)
+        labels = labels.tolist() if isinstance(labels, (torch.Tensor, np.ndarray)) else list(labels)
+        if not items: raise ValueError("no support images: give a few labelled images of each class, two classes at least")
+        if len(items) != len(labels):
+            raise ValueError(f"{len(items)} support images but {len(labels)} labels: give one label per image")
+        classes = list(dict.fromkeys(labels))
+        if len(classes) < 2:
+            raise ValueError(f"all support images are of one class ({classes[0]!r}): give images of two classes at least")
+        index = {c: i for i, c in enumerate(classes)}
+        return self._fit(self.features(items), torch.tensor([index[l] for l in labels]), classes)
+
+    def _fit(self, feats, y, classes):
+        "Keep the support features `feats`, their labels `y` (indices into `classes`) and the probe fitted on them."
+        self.support, self.support_labels, self.classes = feats, y.to(feats.device), classes
+        self.probe_ = get_probe(self.probe, self.C).fit(self.support, self.support_labels)
+        return self
+
+    def predict_proba(self, images) -> np.ndarray:
+        "Probabilities (N, n_classes) of the classes of `images`, columns in the order of `classes`."
+        if not hasattr(self, 'probe_'): raise RuntimeError("the classifier is not fitted: call fit(support, labels) first")
+        return self.probe_.predict_proba(self.features(images).to(self.support.device)).cpu().numpy()
+
+    def predict(self, images):
+        "The predicted label of each of `images` (a list) and its probability (a numpy array)."
+        p = self.predict_proba(images)
+        best = p.argmax(1)
+        return [self.classes[i] for i in best], p[np.arange(len(p)), best]
+
+    def _arch(self):
+        "timm's name and keyword arguments of the backbone: given to the constructor, or found on the backbone."
+        known = getattr(self.backbone, 'fsmtl_arch', None)
+        if self.arch is not None: arch, kwargs = self.arch, {}
+        elif known: arch, kwargs = known['arch'], known.get('kwargs') or {}
+        else: arch, kwargs = (getattr(self.backbone, 'pretrained_cfg', None) or {}).get('architecture'), {}
+        if arch is None:
+            raise ValueError(f"the architecture of the {type(self.backbone).__name__} backbone is unknown, so it could not be "
+                             "rebuilt from the file: pass arch='<timm model name>' (and arch_kwargs=) to FewShotClassifier")
+        return arch, dict(self.arch_kwargs if self.arch_kwargs is not None else kwargs)
+
+    def save(self, path):
+        "Save to `path` (through a temporary file) what `load` needs; label values other than str or int are stored as str."
+        arch, kwargs = self._arch()
+        if not isinstance(self.probe, str): raise ValueError("save needs the probe by name ('logistic', 'sklearn' or 'proto')")
+        fitted = hasattr(self, 'probe_')
+        state = dict(arch=arch, arch_kwargs=kwargs, size=self.size, mean=self.mean, std=self.std, probe=self.probe, C=self.C,
+                     backbone={k: v.detach().cpu() for k, v in self.backbone.state_dict().items()},
+                     classes=[c if isinstance(c, (str, int)) else str(c) for c in getattr(self, 'classes', [])],
+                     support=self.support.cpu() if fitted else torch.zeros(0),
+                     support_labels=self.support_labels.cpu() if fitted else torch.zeros(0, dtype=torch.long))
+        path = Path(path)
+        tmp = path.with_name(f'{path.name}.{os.getpid()}.part')
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return path
+
+    @staticmethod
+    def _read(path) -> dict:
+        "The checkpoint at `path`, with the keys of `CHECKPOINT_KEYS` at least."
+        path = Path(path).expanduser()
+        if not path.is_file(): raise FileNotFoundError(f"No checkpoint file {path}")
+        try: state = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as e: raise ValueError(f"Cannot read checkpoint {path}: {e}") from e
+        missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+        if missing: raise ValueError(f"{path} lacks {', '.join(missing)}: a checkpoint needs {', '.join(CHECKPOINT_KEYS)}, "
+                                     "as FewShotClassifier.save writes")
+        return state
+
+    @classmethod
+    def from_checkpoint(cls, path, probe='logistic', device=None, **kw):
+        "An unfitted classifier on the backbone saved in the checkpoint `path`, rebuilt with timm (on `device`, the CPU by default)."
+        return cls._build(cls._read(path), path, probe, device, **kw)
+
+    @classmethod
+    def _build(cls, st, path, probe, device, **kw):
+        "An unfitted classifier from the checkpoint `st` read from `path`: the backbone rebuilt by timm, its weights loaded."
+        import timm
+        backbone = timm.create_model(st['arch'], num_classes=0, pretrained=False, **st['arch_kwargs'])
+        try: backbone.load_state_dict(st['backbone'])
+        except RuntimeError as e:
+            raise ValueError(f"the weights in {path} do not fit timm's {st['arch']} with {st['arch_kwargs']}: {e}") from e
+        return cls(backbone.eval().to(device or 'cpu'), st['size'], st['mean'], st['std'], probe,
+                   arch=st['arch'], arch_kwargs=st['arch_kwargs'], **kw)
+
+    @classmethod
+    def load(cls, path, device=None):
+        "The classifier saved at `path`, its probe refitted on the stored support features (so it predicts as before)."
+        st = cls._read(path)
+        clf = cls._build(st, path, st.get('probe', 'logistic'), device, C=st.get('C', 3.))
+        if st.get('classes'):
+            clf._fit(st['support'].to(model_device(clf.backbone)), st['support_labels'], list(st['classes']))
+        return clf
