@@ -58,6 +58,8 @@ class EpisodeScorer:
                  group: int = 2 ** 15):  # feature rows kept before the probe runs on their episodes
         self.ways, self.per_class, self.queries, self.probe, self.group = ways, per_class, queries, probe, group
         self.shots = [shots] if isinstance(shots, int) else list(shots)
+        if not self.shots or min(self.shots) < 1: raise ValueError(f"shot counts must be at least 1, got {shots}")
+        if queries < 1: raise ValueError(f"queries must be at least 1, got {queries}")
         if max(self.shots) > per_class - queries:
             raise ValueError(f"the episodes have {per_class - queries} support images a class, fewer than {max(self.shots)} shots")
         self.accs, self.held, self.rows = {s: [] for s in self.shots}, [], 0
@@ -123,6 +125,7 @@ def evaluate(learn_or_model,                 # a `Learner`, a model with a `back
              probe='logistic',               # 'logistic' (= 'l2'), 'sklearn', 'proto', or a probe
              seed: int = 0,                  # fixes the episodes
              chunk: int = 256,               # images loaded and passed forward at once: bounds memory
+             group: int = 2 ** 15,           # feature rows kept before the probe runs on their episodes: bounds memory
              progress: bool = True):         # show a progress bar
     "The episodic test of a backbone: an `EvalResult` (mean ± 95% CI) per shot count, an `EvalResults` when `shots` is a tuple."
     learn = learn_or_model if isinstance(learn_or_model, Learner) else None
@@ -131,10 +134,12 @@ def evaluate(learn_or_model,                 # a `Learner`, a model with a `back
         if learn is None: raise ValueError("pass the episodes' source: FewShotSplits, mtl_dls's DataLoaders, or a benchmark name")
         splits_or_dls = learn.dls
     splits = _episodes_source(splits_or_dls, split)
-    most = max([shots] if isinstance(shots, int) else shots)
+    counts = [shots] if isinstance(shots, int) else list(shots)
+    if not counts or min(counts) < 1: raise ValueError(f"shot counts must be at least 1, got {shots}")
+    most = max(counts)
     per_episode = ways * (most + queries)
     dl = episode_dl(splits, split, ways, most, queries, n=episodes, bs=max(1, chunk // per_episode), seed=seed,
                     device=model_device(model))
-    accs = episodic_accuracy(model, dl, shots, probe=probe, chunk=chunk, progress=progress)
+    accs = episodic_accuracy(model, dl, shots, probe=probe, chunk=chunk, group=group, progress=progress)
     results = EvalResults({s: EvalResult(a, ways, s, queries) for s, a in accs.items()})
     return results if not isinstance(shots, int) else results[shots]

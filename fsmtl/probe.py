@@ -16,7 +16,9 @@ def _episodes(x, y=None):
     if single: x = x[None]
     if x.dim() != 3: raise ValueError(f"features must be (episodes, images, features) or (images, features), got {tuple(x.shape)}")
     if y is None: return x, None, single
-    y = torch.as_tensor(y, device=x.device).long()
+    y = torch.as_tensor(y, device=x.device)
+    if y.is_floating_point() and bool((y != y.round()).any()): raise ValueError("support labels must be whole numbers 0..W-1")
+    y = y.long()
     if single: y = y[None]
     if y.shape != x.shape[:2]:
         raise ValueError(f"{tuple(y.shape)} labels for {tuple(x.shape[:2])} support features: one label per image is needed")
@@ -25,11 +27,12 @@ def _episodes(x, y=None):
 
 def _n_classes(y) -> int:
     "The classes 0..W-1 of the episodes' labels; every episode must have each of them."
+    if y.numel() == 0: raise ValueError("no support labels: give a few labelled images of each class")
+    if int(y.min()) < 0: raise ValueError(f"support labels must be 0..W-1, got {int(y.min())}")
     ways = int(y.max()) + 1
-    present = F.one_hot(y, ways).amax(1)
-    if int(y.min()) < 0 or not bool(present.all()):
-        raise ValueError(f"support labels must be 0..{ways - 1} with every class present in every episode")
     if ways < 2: raise ValueError("a probe needs support images of at least two classes")
+    if not bool(F.one_hot(y, ways).amax(1).all()):
+        raise ValueError(f"support labels must be 0..{ways - 1} with every class present in every episode")
     return ways
 
 

@@ -11,11 +11,17 @@ README = (Path(__file__).parents[1] / 'README.md').read_text()
 BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, flags=re.S)
 
 
-def test_python_blocks_run():
+@pytest.fixture(scope='module')
+def python_blocks():
+    "Run the Python blocks in order, in one namespace; the shell blocks use the files they write."
     blocks = [code for lang, code in BLOCKS if lang == 'python']
-    assert blocks
     ns = {}
     for code in blocks: exec(compile(code, 'README.md', 'exec'), ns)
+    return blocks
+
+
+def test_python_blocks_run(python_blocks):
+    assert python_blocks
 
 
 def _commands(lang):
@@ -23,7 +29,7 @@ def _commands(lang):
 
 
 @pytest.mark.parametrize('cmd', [c for c in _commands('sh') if c.startswith('fsmtl ')])
-def test_fsmtl_commands_run(cmd):
+def test_fsmtl_commands_run(cmd, python_blocks):
     exe = Path(sys.executable).parent / 'fsmtl'
     res = subprocess.run([str(exe), *shlex.split(cmd)[1:]], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr

@@ -114,6 +114,8 @@ def episode_dl(splits: FewShotSplits,      # the benchmark
     "Fixed, seeded evaluation episodes of one split of `splits`, normalised as `mtl_dls`'s evaluation batches are."
     split = 'val' if split == 'valid' else split
     if split not in SPLITS: raise ValueError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    for what, v in dict(shots=shots, queries=queries, episodes=n).items():
+        if v < 1: raise ValueError(f"{what} must be at least 1, got {v}")
     check_task_size(splits[split], ways, shots + queries, split, splits.name)
     block, pool = mtl_block(splits, augment=False)
     if num_workers is None: num_workers = 0 if splits[split].in_memory else None
