@@ -28,6 +28,8 @@ train: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/loader.py
+	$(PY) bench/probe.py
+	$(PY) bench/test_memory.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,5 +1,6 @@
 "Features of a backbone for the probes: in eval mode, without autograd, a bounded number of images at a time, L2-normalised."
 from __future__ import annotations
+import math
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ def _forward(m: nn.Module, x):
 
 def extract_features(model: nn.Module,         # a backbone, or a model with a `backbone`
                      x: torch.Tensor,          # normalised images (N, C, H, W)
-                     chunk: int = 256,         # images a forward pass: bounds the activations held at once
+                     chunk: int = 256,         # images a forward pass at most: bounds the activations held at once
                      normalize: bool = True):  # L2-normalise each feature vector, as the probes expect
     "Features (N, D) of the images `x`, `chunk` at a time, in eval mode and without autograd; the model's mode is restored."
     m = feature_model(model)
@@ -35,7 +36,9 @@ def extract_features(model: nn.Module,         # a backbone, or a model with a `
     m.eval()
     try:
         with torch.no_grad():
-            out = torch.cat([_forward(m, c).flatten(1).float() for c in x.as_subclass(torch.Tensor).split(chunk)])
+            # equal passes of at most `chunk` images: 275 images go as 138 + 137, not 256 + 19
+            parts = x.as_subclass(torch.Tensor).tensor_split(max(1, math.ceil(len(x) / chunk)))
+            out = torch.cat([_forward(m, c).flatten(1).float() for c in parts])
     finally:
         m.train(training)
     return F.normalize(out, dim=-1) if normalize else out
