@@ -1,8 +1,10 @@
 "Fixtures shared by the tests: a local HTTP server that stands in for the download mirrors."
 import threading
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -59,3 +61,18 @@ def glyph_splits(tmp_path_factory):
     "The embedded glyphs benchmark, rendered once for the whole session."
     from fsmtl.data.glyphs import glyphs
     return glyphs(tmp_path_factory.mktemp('glyph-data'), progress=False)
+
+
+@contextmanager
+def one_torch_thread():
+    "One torch thread: on a busy 2-core machine, thread hand-offs cost small models and batched solves ~10x their time."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try: yield
+    finally: torch.set_num_threads(n)
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    "`one_torch_thread` for a whole test module (`pytestmark = pytest.mark.usefixtures('one_thread')`)."
+    with one_torch_thread(): yield

@@ -30,13 +30,7 @@ def by_hand(ims):
     return ((x - np.asarray(MEAN)) / np.asarray(STD)).transpose(0, 3, 1, 2)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    "One CPU thread: for a model this small, more threads only add synchronisation, which a busy machine makes slow."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')

@@ -21,13 +21,7 @@ MEAN, STD = torch.tensor([.4, .5, .6]), torch.tensor([.2, .25, .3])   # coded_sp
 SMALL = dict(meta_batch_size=2, epoch_length=4, device='cpu', augment=False)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "One torch thread: on a busy 2-core machine, thread hand-offs cost the small batched solves ~10x their time."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 # ---------------------------------------------------------------- CI and results

@@ -1,6 +1,5 @@
 "Tests of the probes against independent references: scikit-learn's LogisticRegression written out here, numpy prototypes."
 import warnings
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -10,10 +9,10 @@ from scipy.special import logsumexp, softmax
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
-from fsmtl.data.benchmarks import get_benchmark
 from fsmtl.data.block import episode_dl
 from fsmtl.features import extract_features
 from fsmtl.probe import LogisticProbe, PrototypeProbe, SklearnProbe, get_probe
+from conftest import one_torch_thread
 
 WAYS, SHOTS, QUERIES, EPISODES = 5, 5, 15, 200
 # scikit-learn's default tol=1e-4 stops L-BFGS after 3-9 iterations on these (nearly collinear) features, with gradient
@@ -51,24 +50,13 @@ def gradient(W, b, x, y, C):
     return np.abs(C * p.T @ x + W).max(), np.abs(C * p.sum(0)).max()
 
 
-@contextmanager
-def one_torch_thread():
-    "One torch thread: on a busy 2-core machine, thread hand-offs cost the small batched solves ~10x their time."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try: yield
-    finally: torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    with one_torch_thread(): yield
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='session')
-def glyph_features(tmp_path_factory):
+def glyph_features(glyph_splits):
     "Features (N, 640) of every glyph val image through a fixed-seed untrained resnet10t, and 200 val episodes' indices."
-    splits = get_benchmark('glyphs', root=tmp_path_factory.mktemp('glyphs'))
+    splits = glyph_splits
     torch.manual_seed(0)
     model = timm.create_model('resnet10t', num_classes=0, channels=(64, 160, 320, 640)).eval()
     mean, std = torch.tensor(splits.mean).view(1, 3, 1, 1), torch.tensor(splits.std).view(1, 3, 1, 1)
