@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 from fastai.callback.core import Callback, CancelBatchException
 from fastai.learner import Recorder, ValueMetric
 from fastcore.basics import store_attr
 
-from .data.block import episode_dl
 from .data.tasks import EpisodeDL
-from .evaluate import EpisodeScorer, EvalResult, EvalResults, ci95, episodic_accuracy
+from .evaluate import EpisodeScorer, EvalResult, EvalResults, chunked_episode_dl, episodic_accuracy
 from .features import extract_features, model_device
 
 __all__ = ['EpisodicEval']
@@ -57,9 +55,8 @@ class EpisodicEval(Callback):
         if self._dl is None or self._key != key:
             splits, most = getattr(dls, 'splits', None), self.shot_counts[-1]
             if splits is not None:
-                bs = max(1, self.chunk // (self.ways * (most + self.queries)))
-                self._dl = episode_dl(splits, self.split, self.ways, most, self.queries, n=self.episodes, bs=bs,
-                                      seed=self.seed, device=device)
+                self._dl = chunked_episode_dl(splits, self.split, self.ways, most, self.queries, self.episodes, self.seed,
+                                              self.chunk, device)
             elif isinstance(dls.valid, EpisodeDL) and dls.valid.shots >= most:
                 self._dl = dls.valid
             else:
@@ -106,8 +103,4 @@ class EpisodicEval(Callback):
 
     def _metrics(self, accs) -> dict:
         self.results = EvalResults({s: EvalResult(a, self.ways, s, self.queries) for s, a in accs.items()})
-        out = {}
-        for s, a in accs.items():
-            acc, ci = self._names(s)
-            out[acc], out[ci] = float(np.mean(a)), ci95(a)
-        return out
+        return {name: v for s, r in self.results.items() for name, v in zip(self._names(s), (r.mean, r.ci95))}

@@ -11,6 +11,7 @@ from fastprogress.fastprogress import progress_bar
 from .data.benchmarks import get_benchmark
 from .data.block import episode_dl
 from .data.core import FewShotSplits
+from .data.tasks import EpisodeDL
 from .features import extract_features, model_device
 from .probe import get_probe
 
@@ -99,6 +100,12 @@ def episodic_accuracy(model,                     # a backbone, or a model with a
     return scorer.result()
 
 
+def chunked_episode_dl(splits, split, ways, shots, queries, episodes, seed, chunk, device) -> EpisodeDL:
+    "`episode_dl` with as many episodes a batch as fit in `chunk` images (one at least), on `device`."
+    bs = max(1, chunk // (ways * (shots + queries)))
+    return episode_dl(splits, split, ways, shots, queries, n=episodes, bs=bs, seed=seed, device=device)
+
+
 def _episodes_source(data, split):
     "The `FewShotSplits` behind `data`: the splits themselves, `mtl_dls`'s DataLoaders, or a benchmark name."
     if isinstance(data, FewShotSplits): return data
@@ -136,10 +143,7 @@ def evaluate(learn_or_model,                 # a `Learner`, a model with a `back
     splits = _episodes_source(splits_or_dls, split)
     counts = [shots] if isinstance(shots, int) else list(shots)
     if not counts or min(counts) < 1: raise ValueError(f"shot counts must be at least 1, got {shots}")
-    most = max(counts)
-    per_episode = ways * (most + queries)
-    dl = episode_dl(splits, split, ways, most, queries, n=episodes, bs=max(1, chunk // per_episode), seed=seed,
-                    device=model_device(model))
+    dl = chunked_episode_dl(splits, split, ways, max(counts), queries, episodes, seed, chunk, model_device(model))
     accs = episodic_accuracy(model, dl, shots, probe=probe, chunk=chunk, group=group, progress=progress)
     results = EvalResults({s: EvalResult(a, ways, s, queries) for s, a in accs.items()})
     return results if not isinstance(shots, int) else results[shots]
