@@ -14,6 +14,6 @@ setuptools.setup(
     long_description=open('README.md', encoding='utf-8').read(), long_description_content_type='text/markdown',
     packages=setuptools.find_packages(include=['fsmtl', 'fsmtl.*']), include_package_data=True,
     install_requires=req('requirements'),
-    extras_require={'dev': req('dev_requirements'), 'wandb': req('wandb_requirements')},
+    extras_require={k: req(f'{k}_requirements') for k in ('dev', 'wandb', 'optim', 'tensorboard')},
     entry_points={'console_scripts': req('console_scripts'), 'nbdev': [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
     zip_safe=False)

@@ -5,3 +5,7 @@ from .features import *
 from .evaluate import *
 from .callbacks import *
 from .classifier import *
+from .models import *
+from .learner import *
+from .checkpoint import *
+from .train import *

@@ -1,17 +1,20 @@
-"`EpisodicEval`: novel-class validation during training, reported as metrics that fastai's trackers can monitor."
+"Callbacks of MTL training: `EpisodicEval` (novel-class validation as metrics), `TaskAccuracy`, `StopOnNaN` and `AMP`."
 from __future__ import annotations
 
 import warnings
 
+import torch
 from fastai.callback.core import Callback, CancelBatchException
+from fastai.callback.fp16 import AMPMode, MixedPrecision
 from fastai.learner import Recorder, ValueMetric
 from fastcore.basics import store_attr
+from fastcore.foundation import L
 
 from .data.tasks import EpisodeDL
 from .evaluate import EpisodeScorer, EvalResult, EvalResults, chunked_episode_dl, episodic_accuracy
 from .features import extract_features, model_device
 
-__all__ = ['EpisodicEval']
+__all__ = ['EpisodicEval', 'TaskAccuracy', 'StopOnNaN', 'AMP']
 
 # epochs that skip validation hand fastai an empty loader, on purpose
 warnings.filterwarnings('ignore', message='Your generator is empty', module='fastprogress')
@@ -104,3 +107,61 @@ class EpisodicEval(Callback):
     def _metrics(self, accs) -> dict:
         self.results = EvalResults({s: EvalResult(a, self.ways, s, self.queries) for s, a in accs.items()})
         return {name: v for s, r in self.results.items() for name, v in zip(self._names(s), (r.mean, r.ci95))}
+
+
+class TaskAccuracy(Callback):
+    "Report `task_acc`: the accuracy of the epoch's training batches, each task scored over its own classes."
+    order = Recorder.order - 1
+
+    def before_fit(self):
+        if 'task_acc' not in self.learn.metrics.attrgot('name'):
+            self.learn.metrics = self.learn.metrics + [ValueMetric(lambda: self.value, 'task_acc')]
+
+    def before_train(self): self.correct, self.total, self.value = 0, 0, float('nan')
+
+    def after_loss(self):
+        if not self.training: return
+        with torch.no_grad():
+            logits, y = self.learn.loss_func.task_logits(self.pred.detach(), *self.yb)
+            self.correct += int((logits.argmax(1) == y).sum())
+            self.total += len(y)
+
+    def after_train(self):
+        if self.total: self.value = self.correct / self.total
+
+
+class StopOnNaN(Callback):
+    "Stop training with a clear error when the training loss is not finite; the checkpoints already written stay as they are."
+    order = MixedPrecision.order + 1   # after AMP has closed its autocast context
+
+    def after_loss(self):
+        if not self.training or torch.isfinite(self.loss).all(): return
+        saved = getattr(getattr(self.learn, 'checkpoints', None), 'last_path', None)
+        kept = f" The last good checkpoint is {saved}." if saved is not None and saved.exists() else ''
+        lr = self.opt.hypers[-1]['lr'] if self.opt else None
+        raise FloatingPointError(f"the training loss became {self.loss.detach().float().item()} at epoch {self.epoch + 1}, batch {self.iter + 1}: "
+                                 f"training stopped.{kept} Lower the learning rate (it was {lr:.3g}) or train in fp32.")
+
+
+class AMP(MixedPrecision):
+    "fastai's `MixedPrecision` on the model's own device (CUDA or CPU), autocasting training batches only."
+    def __init__(self, amp_mode='bf16', **kwargs): super().__init__(amp_mode, **kwargs)
+
+    def before_fit(self):
+        device = model_device(self.learn.model).type
+        dtype = torch.bfloat16 if self.amp_mode == AMPMode.BF16 else torch.float16
+        if dtype == torch.bfloat16 and device == 'cuda' and not torch.cuda.is_bf16_supported():
+            raise ValueError("this GPU does not support bfloat16: train with fp16 instead")
+        self.kwargs['enabled'] = dtype == torch.float16   # bfloat16 has float32's range: no loss scaling
+        self.autocast, self.entered = torch.autocast(device, dtype=dtype), False
+        self.learn.scaler, self.scales = torch.amp.GradScaler(device, **self.kwargs), L()
+
+    def before_batch(self):
+        # validation extracts features in fp32 for the probes, and is cancelled before any loss would close the context
+        if self.training: self.autocast.__enter__(); self.entered = True
+
+    def after_loss(self): self._exit()
+    def after_cancel_batch(self): self._exit()
+
+    def _exit(self):
+        if self.entered: self.autocast.__exit__(None, None, None); self.entered = False

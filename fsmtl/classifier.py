@@ -1,6 +1,5 @@
 "`FewShotClassifier`: images of new classes told apart by a trained backbone's features and a probe fitted on a few examples."
 from __future__ import annotations
-import os
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +7,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .checkpoint import save_atomic
 from .data.core import _decode
 from .features import extract_features, feature_model, model_device
 from .probe import get_probe
@@ -156,15 +156,7 @@ class FewShotClassifier:
                      classes=[c if isinstance(c, (str, int)) else str(c) for c in getattr(self, 'classes', [])],
                      support=self.support.cpu() if fitted else torch.zeros(0),
                      support_labels=self.support_labels.cpu() if fitted else torch.zeros(0, dtype=torch.long))
-        path = Path(path)
-        tmp = path.with_name(f'{path.name}.{os.getpid()}.part')
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return path
+        return save_atomic(state, path)
 
     @staticmethod
     def _read(path) -> dict:

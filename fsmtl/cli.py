@@ -1,6 +1,7 @@
 "The `fsmtl` command."
 from __future__ import annotations
 import argparse
+import json
 import sys
 
 __all__ = ['main']
@@ -63,6 +64,44 @@ def _predict(args):
         with open(args.out, 'w', newline='') as f: csv.writer(f).writerows([('file', 'label', 'probability'), *rows])
 
 
+# options of `train` that `fsmtl test` takes too
+TEST_OPTIONS = ('dataset', 'root', 'gpu', 'seed', 'test_ways', 'test_shots', 'test_queries', 'final_test_epoch_length',
+                'test_method', 'test_l2', 'size', 'num_workers')
+_INTS = ('gpu', 'size', 'num_workers')
+
+
+def _option_flags(p, names):
+    "A flag for each of the `train` options `names`, typed by its default; only the flags given reach `train`."
+    from .train import OPTIONS
+    for name in names:
+        default, help = OPTIONS[name]
+        kw = dict(default=argparse.SUPPRESS, help=f"{help} (default: {default})")
+        if name == 'pretrained': kw.update(nargs='?', const=True, metavar='PATH')
+        elif name == 'model_kwargs': kw.update(type=json.loads, metavar='JSON')
+        elif isinstance(default, bool): kw.update(action='store_true')
+        elif name in _INTS or isinstance(default, int): kw.update(type=int)
+        elif isinstance(default, float): kw.update(type=float)
+        _flag(p, name, **kw)
+
+
+def _print_results(results):
+    for s, r in results.items(): print(f"{r.ways}-way {s}-shot test accuracy: {r!r} ({len(r.accs)} episodes)")
+
+
+def _train(args):
+    "Train, then print the final test results (or only test, with --test_only)."
+    from .train import train
+    out = train(**{k: v for k, v in vars(args).items() if k not in ('command', 'run')})
+    if isinstance(out, dict): _print_results(out)
+    else: print(out)
+
+
+def _test(args):
+    "Test a checkpoint and print the results."
+    from .train import evaluate_checkpoint
+    _print_results(evaluate_checkpoint(**{k: v for k, v in vars(args).items() if k not in ('command', 'run')}))
+
+
 def main(argv=None):
     "Entry point of the `fsmtl` command."
     p = argparse.ArgumentParser(prog='fsmtl', description='Multi-task learning for few-shot image classification.')
@@ -87,9 +126,21 @@ def main(argv=None):
           help='classifier fitted on the features of the examples (default: logistic)')
     _flag(q, 'out', metavar='CSV', help='also write the predictions here, as file,label,probability')
     q.set_defaults(run=_predict)
+    from .train import OPTIONS
+    t = sub.add_parser('train', help='train a backbone by multi-task learning and test it',
+                       description='Train a backbone by multi-task learning, then test its best checkpoint on 5-way 1- and '
+                                   '5-shot episodes. Flags are those of the original code, with underscores or hyphens.')
+    _option_flags(t, [k for k in OPTIONS if k != 'progress'])
+    t.set_defaults(run=_train)
+    e = sub.add_parser('test', help="test a checkpoint's backbone on the test episodes",
+                       description="Test the backbone of a checkpoint (best.pth, or a run folder) on 1- and 5-shot episodes "
+                                   "of its benchmark's test classes: mean accuracy and 95% confidence interval.")
+    _flag(e, 'load_path', required=True, metavar='CKPT', help='a checkpoint file, or a run folder (its best.pth)')
+    _option_flags(e, TEST_OPTIONS)
+    e.set_defaults(run=_test)
     args = p.parse_args(argv)
     try: args.run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError, FloatingPointError) as e:
         print(f"fsmtl {args.command}: {e}", file=sys.stderr)
         return 2
     return 0

@@ -57,10 +57,19 @@ def server():
 
 
 @pytest.fixture(scope='session')
-def glyph_splits(tmp_path_factory):
-    "The embedded glyphs benchmark, rendered once for the whole session."
+def glyph_root(tmp_path_factory):
+    "A data folder holding the embedded glyphs benchmark, rendered once for the whole session."
     from fsmtl.data.glyphs import glyphs
-    return glyphs(tmp_path_factory.mktemp('glyph-data'), progress=False)
+    root = tmp_path_factory.mktemp('glyph-data')
+    glyphs(root, progress=False)
+    return root
+
+
+@pytest.fixture(scope='session')
+def glyph_splits(glyph_root):
+    "The embedded glyphs benchmark (`FewShotSplits`), read from `glyph_root`."
+    from fsmtl.data.glyphs import glyphs
+    return glyphs(glyph_root, progress=False)
 
 
 @contextmanager

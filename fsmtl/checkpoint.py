@@ -1,0 +1,141 @@
+"Checkpoints of a training run: the best (by `episodic_acc`) and the last, written atomically, and resuming from the last."
+from __future__ import annotations
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastai.callback.core import Callback
+from fastai.callback.tracker import EarlyStoppingCallback, TrackerCallback
+from fastcore.basics import store_attr
+from fastcore.foundation import L
+
+__all__ = ['save_atomic', 'read_checkpoint', 'Checkpoints', 'rng_state', 'set_rng_state']
+
+
+def save_atomic(obj, path) -> Path:
+    "`torch.save` `obj` to `path` through a temporary file in the same folder, so `path` is never left half written."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'{path.name}.{os.getpid()}.part')
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_checkpoint(path) -> dict:
+    "The checkpoint at `path` (a file, or a run folder: its `last.pth`), read with `weights_only=True`."
+    path = Path(path).expanduser()
+    if path.is_dir(): path = path / 'last.pth'
+    if not path.is_file(): raise FileNotFoundError(f"No checkpoint file {path}")
+    try: return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e: raise ValueError(f"Cannot read checkpoint {path}: {e}") from e
+
+
+def rng_state() -> dict:
+    "The states of Python's, numpy's and torch's random generators (CUDA's too when there is one), as plain types and tensors."
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    st = dict(python=random.getstate(), numpy=(kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss),
+              torch=torch.get_rng_state())
+    if torch.cuda.is_available(): st['cuda'] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict):
+    "Restore the generators' states saved by `rng_state`."
+    random.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in st['python']))
+    kind, keys, pos, has_gauss, gauss = st['numpy']
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
+    torch.set_rng_state(st['torch'])
+    if 'cuda' in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st['cuda'])
+
+
+def _tree(o):
+    "`o` with fastcore's `L` lists and numpy scalars (in fastai optimiser states) as the plain types `weights_only` loading admits."
+    if isinstance(o, dict): return {k: _tree(v) for k, v in o.items()}
+    if isinstance(o, (list, L)): return [_tree(v) for v in o]
+    if isinstance(o, tuple): return tuple(_tree(v) for v in o)
+    return o.item() if isinstance(o, np.generic) else o   # fastai's schedules set hyper-parameters as numpy floats
+
+
+def _plain(v):
+    "A history value as a plain float (or None), as `weights_only` loading admits."
+    return None if v is None else float(v)
+
+
+class Checkpoints(Callback):
+    "After every epoch write `last.pth` (model, optimiser, schedule, RNG and history), and `best.pth` when `monitor` improves."
+    order = EarlyStoppingCallback.order + 1   # after the trackers: their updated state is saved, and restored after their reset
+
+    def __init__(self,
+                 path,                       # the run's folder
+                 meta: dict | None = None,   # saved in both files: what rebuilds the backbone (arch, size, mean, std) and the config
+                 monitor: str = 'episodic_acc',  # the metric whose highest value makes the best checkpoint
+                 resume: dict | None = None):    # a `last.pth` read back: its state is restored when the fit starts
+        store_attr()
+        self.path, self.meta = Path(path), dict(meta or {})
+        self.best, self.saved_epochs = -float('inf'), 0
+
+    @property
+    def last_path(self): return self.path / 'last.pth'
+    @property
+    def best_path(self): return self.path / 'best.pth'
+
+    def before_fit(self):
+        self.run = not hasattr(self.learn, 'lr_finder')
+        if not self.run: return
+        self.best, self.saved_epochs = -float('inf'), 0
+        if self.resume is not None: self._restore(self.resume)
+
+    def _restore(self, st):
+        "Put back what `last.pth` holds beyond the weights and optimiser: history, schedule, best value and RNG."
+        rec = self.learn.recorder
+        if list(st['metric_names']) != list(rec.metric_names):
+            raise ValueError(f"the checkpoint's metrics {st['metric_names']} differ from this learner's {list(rec.metric_names)}: "
+                             "resume with the configuration the run was started with")
+        rec.values = [list(v) for v in st['history']]
+        # the training loss column is a running average across epochs: it goes on from where it was
+        rec.smooth_loss.count, rec.smooth_loss.val = st['smooth_loss']
+        self.best, self.saved_epochs = st['best'], st['epoch']
+        for cb, state in zip(self._trackers(), st['trackers']):
+            cb.best, cb.wait = state['best'], state.get('wait', 0)
+        self.learn.opt.set_hypers(lr=st['lr'])
+        set_rng_state(st['rng'])
+
+    def _trackers(self): return [cb for cb in self.learn.cbs if isinstance(cb, TrackerCallback)]
+
+    def _value(self):
+        names = list(self.learn.recorder.metric_names[1:])
+        if self.monitor not in names: raise ValueError(f"Checkpoints monitors {self.monitor!r}, which is not among {names}")
+        return self.learn.recorder.values[-1][names.index(self.monitor)]
+
+    def _state(self, epoch: int, value) -> dict:
+        model = self.learn.model
+        return dict(self.meta, epoch=epoch, monitor=self.monitor, value=_plain(value),
+                    backbone={k: v.detach().cpu() for k, v in model.backbone.state_dict().items()},
+                    head=model.head.detach().cpu(), metric_names=list(self.learn.recorder.metric_names),
+                    history=[[_plain(x) for x in v] for v in self.learn.recorder.values])
+
+    def after_epoch(self): self._save()
+
+    def after_cancel_fit(self):
+        # early stopping cancels the fit in its after_epoch, before this callback's runs
+        if self.run and len(self.learn.recorder.values) > self.saved_epochs: self._save()
+
+    def _save(self):
+        if not self.run: return
+        epoch, value = len(self.learn.recorder.values), self._value()
+        if value is not None and not np.isnan(value) and value > self.best:
+            self.best = float(value)
+            save_atomic(self._state(epoch, value), self.best_path)
+        st = self._state(epoch, value)
+        sl = self.learn.recorder.smooth_loss
+        st.update(opt=_tree(self.learn.opt.state_dict()), smooth_loss=(sl.count, torch.as_tensor(sl.val).detach().cpu()), lr=float(self.learn.opt.hypers[-1]['lr']), best=self.best, rng=rng_state(),
+                  trackers=[dict(best=_plain(cb.best), wait=getattr(cb, 'wait', 0)) for cb in self._trackers()])
+        save_atomic(st, self.last_path)
+        self.saved_epochs = epoch

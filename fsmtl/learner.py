@@ -1,0 +1,181 @@
+"The MTL model (a backbone and one head row per base class), its multi-task loss, optimisers by name and `mtl_learner`."
+from __future__ import annotations
+import math
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from fastai.callback.channelslast import ChannelsLast
+from fastai.callback.schedule import ParamScheduler
+from fastai.callback.tracker import EarlyStoppingCallback, ReduceLROnPlateau
+from fastai.learner import Learner
+from fastai.optimizer import SGD, Adam, OptimWrapper, RAdam
+from fastcore.basics import patch
+
+from .callbacks import AMP, EpisodicEval, StopOnNaN, TaskAccuracy
+from .data.tasks import local_labels
+from .models import create_backbone
+
+__all__ = ['MTLModel', 'MultiTaskLoss', 'OPTIMIZERS', 'get_opt', 'MTLLearner', 'mtl_learner', 'plateau_cbs', 'step_sched']
+
+
+class MTLModel(nn.Module):
+    "A backbone and a head matrix with one row per base class, no bias: logits of every base class for each image."
+    def __init__(self,
+                 backbone: nn.Module,               # maps images to (N, num_features) features
+                 num_features: int,                 # the backbone's feature size
+                 n_base: int,                       # base (training) classes: rows of the head
+                 ways: int = 5,                     # classes in a training task, for the head's initial scale
+                 norm_train_features: bool = False):  # L2-normalise features before the head
+        super().__init__()
+        self.backbone, self.norm_train_features = backbone, norm_train_features
+        head = torch.empty(n_base, num_features)
+        nn.init.kaiming_uniform_(head, a=math.sqrt(5))
+        # each task uses `ways` of the `n_base` rows: the scale of a `ways`-row layer's initialisation
+        self.head = nn.Parameter(head * math.sqrt(n_base / ways))
+
+    def features(self, x): 
+        "The features the head sees: the backbone's, L2-normalised when `norm_train_features`."
+        f = self.backbone(x)
+        return F.normalize(f, dim=-1) if self.norm_train_features else f
+
+    def forward(self, x): return F.linear(self.features(x), self.head)
+
+
+class MultiTaskLoss(nn.Module):
+    "Mean over the tasks of a batch of the cross-entropy of each task over its own `ways` classes, against local labels."
+    def __init__(self,
+                 ways: int,        # classes in a task
+                 per_class: int):  # images of each class in a task (shots + queries)
+        super().__init__()
+        self.ways, self.per_class = ways, per_class
+
+    def task_logits(self, logits, y):
+        "Each image's logits over its task's classes (N, ways) and its label 0..ways-1 within the task."
+        y = y.as_subclass(torch.Tensor).long()
+        n = self.ways * self.per_class
+        if len(y) % n: raise ValueError(f"a batch of {len(y)} images is not whole tasks of {self.ways} x {self.per_class}")
+        classes = y.view(-1, self.ways, self.per_class)[:, :, 0]                     # (T, ways), in the task's order
+        per_task = logits.as_subclass(torch.Tensor).view(len(classes), n, -1)       # (T, ways*per_class, n_base)
+        own = per_task.gather(2, classes[:, None, :].expand(-1, n, -1)).flatten(0, 1)
+        return own, local_labels(y, self.ways, self.per_class).long()
+
+    def forward(self, logits, y):
+        # tasks have equal sizes, so the mean over all images is the mean over tasks of each task's mean
+        return F.cross_entropy(*self.task_logits(logits, y))
+
+
+def _torch_optimizer(name):
+    try: import torch_optimizer
+    except ImportError as e:
+        raise ImportError(f"the {name} optimiser comes from the torch-optimizer package: pip install torch-optimizer==0.3.0, "
+                          "or choose one of sgd, sgdw, adam, adamw, adamax, radam") from e
+    return getattr(torch_optimizer, {'sgdp': 'SGDP', 'adabound': 'AdaBound', 'adamp': 'AdamP'}[name])
+
+
+def _wrap(opt_cls, **defaults):
+    "A fastai optimiser function around the torch optimiser `opt_cls`."
+    return lambda params, lr, **kw: OptimWrapper(params, opt_cls, lr=lr, **defaults)
+
+
+# The original's names. fastai's decouple_wd=False is torch's L2 weight decay, True the decoupled (AdamW) kind.
+OPTIMIZERS = {
+    'sgd': partial(SGD, mom=0.9, decouple_wd=False),
+    'sgdw': partial(SGD, mom=0.9, decouple_wd=True),
+    'adam': partial(Adam, decouple_wd=False),
+    'adamw': partial(Adam, decouple_wd=True),
+    'radam': partial(RAdam, decouple_wd=False),
+    'adamax': 'torch',
+    'sgdp': 'torch-optimizer', 'adabound': 'torch-optimizer', 'adamp': 'torch-optimizer',
+}
+
+
+def get_opt(name: str):
+    "The fastai optimiser function of an optimiser named as in the original code (see `OPTIMIZERS`)."
+    key = str(name).lower()
+    if key not in OPTIMIZERS: raise ValueError(f"unknown optimiser {name!r}: use one of {', '.join(OPTIMIZERS)}")
+    kind = OPTIMIZERS[key]
+    if kind == 'torch': return _wrap(torch.optim.Adamax)
+    if kind == 'torch-optimizer':
+        cls = _torch_optimizer(key)
+        return _wrap(cls, momentum=0.9) if key == 'sgdp' else _wrap(cls)
+    return kind
+
+
+class MTLLearner(Learner):
+    "fastai's `Learner`, whose `fit(start_epoch=k)` resumes at epoch `k` without logging the epochs before it."
+    def fit(self, n_epoch, lr=None, wd=None, cbs=None, reset_opt=False, start_epoch=0):
+        # fastai's SkipToEpoch cancels earlier epochs one by one, and each cancelled epoch still adds a row to the history
+        self._start_epoch = start_epoch
+        try: super().fit(n_epoch, lr=lr, wd=wd, cbs=cbs, reset_opt=reset_opt)
+        finally: self._start_epoch = 0
+
+    def _do_fit(self):
+        from fastai.callback.core import CancelEpochException
+        for epoch in range(getattr(self, '_start_epoch', 0), self.n_epoch):
+            self.epoch = epoch
+            self._with_events(self._do_epoch, 'epoch', CancelEpochException)
+
+
+def plateau_cbs(patience: int = 4,         # epochs without a gain in `monitor` before the learning rate drops
+                factor: float = 10.,       # the learning rate is divided by this
+                stop_patience: int = 15,   # epochs without a gain before training stops
+                monitor: str = 'episodic_acc'):  # the metric watched
+    "The original's plateau schedule as fastai callbacks: lr divided by `factor` after `patience` flat epochs, stop after `stop_patience`."
+    return [ReduceLROnPlateau(monitor=monitor, comp=np.greater, patience=patience, factor=factor),
+            EarlyStoppingCallback(monitor=monitor, comp=np.greater, patience=stop_patience)]
+
+
+def step_sched(lr: float,      # the initial learning rate
+               every: int,     # epochs between drops
+               rate: float,    # multiplies the learning rate at each drop
+               n_epoch: int):  # epochs of the fit
+    "A fastai schedule (a function of the fraction of training done) multiplying `lr` by `rate` every `every` epochs."
+    return lambda pos: lr * rate ** math.floor(pos * n_epoch / every + 1e-9)
+
+
+@patch
+def fit_plateau(self: Learner, n_epoch: int, lr=None, patience: int = 4, factor: float = 10., stop_patience: int = 15,
+                cbs=None, **kwargs):
+    "Fit with the original's plateau schedule on `episodic_acc` (see `plateau_cbs`)."
+    self.fit(n_epoch, lr, cbs=plateau_cbs(patience, factor, stop_patience) + list(cbs or []), **kwargs)
+
+
+@patch
+def fit_step(self: Learner, n_epoch: int, lr=None, every: int = 4, rate: float = 0.1, cbs=None, **kwargs):
+    "Fit with the learning rate multiplied by `rate` every `every` epochs."
+    lr = self.lr if lr is None else lr
+    self.fit(n_epoch, lr, cbs=[ParamScheduler({'lr': step_sched(lr, every, rate, n_epoch)})] + list(cbs or []), **kwargs)
+
+
+def mtl_learner(dls,                          # DataLoaders from `mtl_dls`
+                arch: str = 'resnet12',       # a timm architecture (fsmtl registers resnet12)
+                pretrained=False,             # True: timm's hub weights; a path: a local weights file
+                norm_train_features: bool = False,  # L2-normalise features before the head in training
+                opt='radam',                  # an optimiser name of `OPTIMIZERS`, or a fastai optimiser function
+                lr: float = 1e-3,             # learning rate
+                wd: float = 0.,               # weight decay
+                cbs=None,                     # more callbacks
+                arch_kwargs: dict | None = None,  # keyword arguments of the architecture (`timm.create_model`)
+                probe='logistic',             # probe of the validation episodes
+                eval_every: int = 1,          # score the validation episodes every this many epochs
+                precision: str = 'fp32',      # 'fp32', 'fp16' or 'bf16' (mixed precision of training batches)
+                channels_last: bool = False,  # the model and its inputs in channels-last memory format
+                **kwargs) -> MTLLearner:      # passed to fastai's `Learner`
+    "A fastai Learner that trains a backbone by multi-task learning on `dls`, scored on its validation episodes (`episodic_acc`)."
+    splits = getattr(dls, 'splits', None)
+    if splits is None: raise ValueError("mtl_learner needs DataLoaders made by mtl_dls (they carry dls.splits)")
+    opt_func = opt if callable(opt) else get_opt(opt)
+    if precision not in ('fp32', 'fp16', 'bf16'): raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
+    backbone, nf = create_backbone(arch, pretrained, **(arch_kwargs or {}))
+    train, valid = dls.train, dls.valid
+    model = MTLModel(backbone, nf, splits.train.n_classes, train.ways, norm_train_features)
+    evals = EpisodicEval(every=eval_every, episodes=valid.n, ways=valid.ways, shots=dls.test_shots, queries=valid.queries,
+                         probe=probe, seed=valid.seed)
+    extra = [evals, TaskAccuracy(), StopOnNaN()]
+    if precision != 'fp32': extra.append(AMP(precision))
+    if channels_last: extra.append(ChannelsLast())
+    return MTLLearner(dls, model, loss_func=MultiTaskLoss(train.ways, train.per_class), opt_func=opt_func, lr=lr, wd=wd,
+                      cbs=extra + list(cbs or []), **kwargs)

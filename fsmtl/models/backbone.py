@@ -1,0 +1,45 @@
+"`create_backbone`: any timm architecture by name, without classifier, with weights from the hub or a local file."
+from __future__ import annotations
+import difflib
+from pathlib import Path
+
+import timm
+from torch import nn
+
+from .resnet12 import ResNet12  # noqa: F401 (importing it registers 'resnet12' with timm)
+
+__all__ = ['create_backbone', 'check_arch']
+
+
+def check_arch(arch: str):  # timm name of an architecture, optionally with a weights tag ('resnet18.a1_in1k')
+    "Raise a `ValueError` naming the close matches when timm knows no architecture `arch`."
+    # 'hf-hub:' and 'local-dir:' names are resolved by timm itself
+    if ':' in arch or timm.is_model(arch): return
+    close = difflib.get_close_matches(arch, timm.list_models(), n=8)
+    hint = f"close matches: {', '.join(close)}" if close else "no close match"
+    raise ValueError(f"Unknown architecture {arch!r} ({hint}); timm.list_models('*pattern*') lists all the names, "
+                     "e.g. timm.list_models('*resnet*')")
+
+
+def create_backbone(arch: str = 'resnet12',               # timm name of the architecture: 'resnet12', 'resnet18'...
+                    pretrained: bool | str | Path = False,  # True: timm's weights from the hub; a path: a local weights file
+                    **kwargs) -> tuple[nn.Module, int]:     # passed to `timm.create_model`, and kept to rebuild the backbone
+    "A timm backbone that gives pooled features (no classifier), and the number of its features."
+    check_arch(arch)
+    if isinstance(pretrained, (str, Path)):
+        path = Path(pretrained).expanduser()
+        if not path.is_file(): raise FileNotFoundError(f"No weights file {path} for {arch}: pretrained= takes a .pth, .pt, "
+                                                       ".bin or .safetensors file, or True for timm's weights from the hub")
+        model = timm.create_model(arch, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    elif pretrained:
+        try: model = timm.create_model(arch, pretrained=True, num_classes=0, **kwargs)
+        except TypeError: raise   # a wrong keyword argument, not a failed download
+        except Exception as e:
+            raise RuntimeError(f"The pretrained weights of {arch} could not be fetched ({type(e).__name__}: {e}). Download "
+                               f"them where there is a network and pass the file: create_backbone({arch!r}, "
+                               "pretrained='/path/to/weights.pth'), or --pretrained /path/to/weights.pth to the fsmtl "
+                               "command") from e
+    else: model = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
+    # what `FewShotClassifier` needs to rebuild the backbone from a saved file
+    model.fsmtl_arch = {'arch': arch, 'kwargs': dict(kwargs)}
+    return model, model.num_features

@@ -1,0 +1,273 @@
+"`train(...)`: the one-line call that builds the data and the learner, trains and tests the best checkpoint; `evaluate_checkpoint`."
+from __future__ import annotations
+import difflib
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from fastai.torch_core import default_device, set_seed
+
+from .checkpoint import Checkpoints, read_checkpoint
+from .data.block import mtl_dls
+from .data.benchmarks import get_benchmark
+from .evaluate import EvalResults, evaluate
+from .learner import mtl_learner, plateau_cbs, step_sched
+from .models import create_backbone
+from .probe import get_probe
+from .runlog import RunCSVLogger, tensorboard_cb, wandb_cb, write_json
+
+__all__ = ['OPTIONS', 'ALGORITHMS', 'SCHEDULERS', 'TrainResult', 'train', 'evaluate_checkpoint']
+
+# Every option of `train` and of `fsmtl train`, under the original code's names: name -> (default, help).
+OPTIONS = {
+    'dataset': ('glyphs', 'benchmark: glyphs (embedded), cifarfs, fc100, mini-imagenet, tiered-imagenet, or folder'),
+    'root': ('~/data', 'folder of the benchmarks (for folder: your folder of class folders)'),
+    'log_dir': ('runs', 'runs are written to a folder in here: checkpoints, history.csv, config.json, results.json'),
+    'run_name': (None, 'name of the run folder; default: dataset-model-date-time'),
+    'algorithm': ('mtl', 'training algorithm: mtl'),
+    'model': ('resnet12', 'backbone: resnet12 or any timm architecture name'),
+    'model_kwargs': (None, 'keyword arguments of the architecture (timm.create_model), a dict'),
+    'pretrained': (False, 'True: timm hub weights; a path: a local weights file'),
+    'gpu': (None, 'CUDA device number; None: the GPU when there is one; without CUDA training falls back to the CPU'),
+    'seed': (0, 'seeds the initialisation and the training tasks, and fixes the validation and test episodes'),
+    'norm_train_features': (False, 'L2-normalise features before the head in training'),
+    'train_ways': (5, 'classes in a training task'),
+    'train_shots': (5, 'support images a class in a training task'),
+    'train_queries': (5, 'query images a class in a training task (MTL uses shots + queries alike)'),
+    'test_ways': (5, 'classes in a validation and test episode'),
+    'test_shots': (5, 'support images a class in validation (model selection); the final test also scores 1 and 5'),
+    'test_queries': (15, 'query images a class in a validation and test episode'),
+    'meta_batch_size': (6, 'tasks in a training batch'),
+    'epoch_length': (1600, 'training tasks in an epoch'),
+    'val_epoch_length': (400, 'validation episodes, scored after every epoch'),
+    'final_test_epoch_length': (2000, 'test episodes of the final test'),
+    'test_method': ('l2', 'probe on the features: l2 (logistic regression), sklearn (the same in scikit-learn), proto'),
+    'test_l2': (3., 'C, the inverse L2 regularisation strength, of the logistic regression probe'),
+    'optim': ('radam', 'optimiser: sgd, sgdw, sgdp, adam, adamw, adamax, radam, adabound, adamp'),
+    'lr': (1e-3, 'learning rate (the peak of one_cycle)'),
+    'weight_decay': (0., 'weight decay'),
+    'scheduler': ('plateau', 'plateau (on episodic_acc, with early stopping), step, or one_cycle'),
+    'decay_rate': (0.1, 'plateau and step: the learning rate is multiplied by this'),
+    'decay_patience': (4, 'plateau: epochs without gain before a drop; step: epochs between drops'),
+    'stop_patience': (15, 'plateau: epochs without gain before training stops'),
+    'max_epochs': (200, 'epochs at most'),
+    'no_log': (False, 'write no CSV, JSON, wandb or TensorBoard logs (checkpoints are still written)'),
+    'wandb': (False, 'log to wandb: offline unless you have logged in; WANDB_MODE is honoured'),
+    'test_only': (False, 'run only the final test of the checkpoint at load_path'),
+    'load_path': (None, 'a checkpoint: to test (test_only), to resume (resume), or whose weights start training'),
+    'resume': (False, 'continue a stopped run from its last checkpoint (load_path, else the newest run in log_dir)'),
+    'fp16': (False, 'float16 mixed precision for training batches'),
+    'bf16': (False, 'bfloat16 mixed precision for training batches'),
+    'channels_last': (False, 'channels-last memory format'),
+    'size': (None, 'resize images to this side; None keeps the benchmark\'s'),
+    'baseline': (False, 'also test the untrained backbone on the same episodes, to show the gain'),
+    'num_workers': (None, 'loader processes; None: 0 for in-memory benchmarks, else all cores'),
+    'progress': (True, 'progress bars and the epoch table'),
+}
+ALGORITHMS = ('mtl',)
+SCHEDULERS = ('plateau', 'step', 'one_cycle')
+FINAL_SHOTS = (1, 5)
+
+
+@dataclass
+class TrainResult:
+    "What `train` returns: the learner (with the best weights), the history of each epoch and the final test results."
+    learner: object
+    history: pd.DataFrame
+    test: EvalResults
+    untrained: EvalResults | None = None
+    run_dir: Path | None = None
+    best_epoch: int | None = None
+    seconds: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+
+    def __str__(self):
+        lines = [f"best epoch {self.best_epoch} of {len(self.history)}" + (f", run in {self.run_dir}" if self.run_dir else '')]
+        for s, r in self.test.items():
+            base = f"   untrained backbone: {self.untrained[s]!r}" if self.untrained and s in self.untrained else ''
+            lines.append(f"{r.ways}-way {s}-shot test accuracy: {r!r} ({len(r.accs)} episodes){base}")
+        return '\n'.join(lines)
+
+
+def _options(given: dict, base: dict | None = None) -> dict:
+    "The full configuration: the defaults, updated by `base` (a resumed run's) and then by the options `given`."
+    unknown = [k for k in given if k not in OPTIONS]
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, OPTIONS, 1) for k in unknown}
+        raise TypeError("unknown option(s): " + ', '.join(f"{k}" + (f" (did you mean {h[0]}?)" if h else '')
+                                                           for k, h in hints.items()))
+    cfg = {k: v for k, (v, _) in OPTIONS.items()}
+    cfg.update(base or {})
+    cfg.update(given)
+    return cfg
+
+
+def _check(cfg):
+    "Fail before any work on an unknown algorithm, scheduler, probe or optimiser, or on contradicting options."
+    if cfg['algorithm'] not in ALGORITHMS:
+        raise ValueError(f"algorithm {cfg['algorithm']!r} is not in fsmtl yet: use {', '.join(ALGORITHMS)}")
+    if cfg['scheduler'] not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {cfg['scheduler']!r}: use one of {', '.join(SCHEDULERS)}")
+    if cfg['fp16'] and cfg['bf16']: raise ValueError("choose fp16 or bf16, not both")
+    get_probe(cfg['test_method'], cfg['test_l2'])
+    from .learner import get_opt
+    get_opt(cfg['optim'])
+
+
+def _device(gpu):
+    "The device of `gpu` (a CUDA index); without CUDA, the CPU with a warning."
+    if gpu is None: return default_device()
+    if int(gpu) < 0: return torch.device('cpu')
+    if not torch.cuda.is_available():
+        warnings.warn(f"gpu {gpu} was asked for but CUDA is not available: training on the CPU", stacklevel=3)
+        return torch.device('cpu')
+    return torch.device('cuda', int(gpu))
+
+
+def _plain(cfg: dict) -> dict:
+    "The configuration with paths as strings, as JSON and `weights_only` checkpoints take it."
+    return {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()}
+
+
+def _dls(cfg, device):
+    return mtl_dls(cfg['dataset'], root=cfg['root'], train_ways=cfg['train_ways'], train_shots=cfg['train_shots'],
+                   train_queries=cfg['train_queries'], meta_batch_size=cfg['meta_batch_size'],
+                   epoch_length=cfg['epoch_length'], test_ways=cfg['test_ways'], test_shots=cfg['test_shots'],
+                   test_queries=cfg['test_queries'], val_episodes=cfg['val_epoch_length'],
+                   test_episodes=cfg['final_test_epoch_length'], size=cfg['size'], seed=cfg['seed'],
+                   num_workers=cfg['num_workers'], device=device)
+
+
+def _load_weights(model, st, head: bool = True):
+    "Put a checkpoint's backbone (and head, when it fits) into `model`."
+    model.backbone.load_state_dict(st['backbone'])
+    if head and 'head' in st and st['head'].shape == model.head.shape:
+        with torch.no_grad(): model.head.copy_(st['head'])
+
+
+def _final_test(model, splits, cfg, progress) -> EvalResults:
+    "The final test: 1- and 5-shot (and `test_shots`) on the same fixed test episodes."
+    shots = tuple(sorted({*FINAL_SHOTS, int(cfg['test_shots'])}))
+    return evaluate(model, splits, split='test', ways=cfg['test_ways'], shots=shots, queries=cfg['test_queries'],
+                    episodes=cfg['final_test_epoch_length'], probe=get_probe(cfg['test_method'], cfg['test_l2']),
+                    seed=cfg['seed'], progress=progress)
+
+
+def _run_dir(cfg, resume_from) -> Path:
+    if resume_from is not None: return resume_from
+    name = cfg['run_name'] or f"{cfg['dataset']}-{cfg['model']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(cfg['log_dir']).expanduser() / name
+
+
+def _resume_source(cfg) -> Path:
+    "The run folder to resume: `load_path`'s, else the run in `log_dir` whose last checkpoint is newest."
+    if cfg['load_path']:
+        p = Path(cfg['load_path']).expanduser()
+        return p if p.is_dir() else p.parent
+    runs = sorted(Path(cfg['log_dir']).expanduser().glob('*/last.pth'), key=lambda f: f.stat().st_mtime)
+    if not runs: raise FileNotFoundError(f"resume: no run with a last.pth in {cfg['log_dir']}; pass load_path=")
+    return runs[-1].parent
+
+
+def train(dataset: str | None = None,  # a benchmark name; None: glyphs, or a resumed run's
+          **options) -> TrainResult:   # any of `OPTIONS`, by the original code's names
+    "Train a backbone by multi-task learning, then test its best checkpoint on 1- and 5-shot episodes (mean ± 95% CI)."
+    given = dict(options, **({'dataset': dataset} if dataset is not None else {}))
+    if given.get('test_only'):
+        if not given.get('load_path'): raise ValueError("test_only tests a checkpoint: give load_path= too")
+        return evaluate_checkpoint(**given)
+    resumed = None
+    if given.get('resume'):
+        src = _resume_source(_options(given))
+        resumed = read_checkpoint(src / 'last.pth')
+        cfg = _options({k: v for k, v in given.items() if k != 'resume'}, resumed['config'])
+        cfg['resume'] = True
+    else: cfg = _options(given)
+    _check(cfg)
+    device = _device(cfg['gpu'])
+    if resumed is None: set_seed(cfg['seed'])
+    t0 = time.perf_counter()
+    dls = _dls(cfg, device)
+    learn = mtl_learner(dls, arch=cfg['model'], pretrained=cfg['pretrained'], norm_train_features=cfg['norm_train_features'],
+                        opt=cfg['optim'], lr=cfg['lr'], wd=cfg['weight_decay'], arch_kwargs=cfg['model_kwargs'],
+                        probe=get_probe(cfg['test_method'], cfg['test_l2']),
+                        precision='fp16' if cfg['fp16'] else 'bf16' if cfg['bf16'] else 'fp32',
+                        channels_last=cfg['channels_last'])
+    if not cfg['progress']:
+        learn.remove_cbs(learn.progress)
+        learn.logger = lambda *_: None   # else fastai prints each epoch's raw record
+    splits, model = dls.splits, learn.model
+    if cfg['load_path'] and resumed is None: _load_weights(model, read_checkpoint(cfg['load_path']))
+    run_dir = _run_dir(cfg, src if resumed else None)
+    meta = dict(arch=cfg['model'], arch_kwargs=dict(cfg['model_kwargs'] or {}), size=splits.size, mean=list(splits.mean),
+                std=list(splits.std), n_base=splits.train.n_classes, norm_train_features=cfg['norm_train_features'],
+                config=_plain(cfg))
+    ckpt = Checkpoints(run_dir, meta, resume=resumed)
+    learn.add_cb(ckpt)
+    cbs, wandb_run = [], None
+    if not cfg['no_log']:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(_plain(cfg), run_dir / 'config.json')
+        cbs.append(RunCSVLogger(run_dir / 'history.csv', append=resumed is not None,
+                                keep=resumed['epoch'] if resumed else 0))
+        if (tb := tensorboard_cb(run_dir / 'tensorboard')) is not None: cbs.append(tb)
+        if cfg['wandb']:
+            cbs.append(wandb_cb(run_dir, _plain(cfg), run_dir.name))
+            import wandb
+            wandb_run = wandb.run
+    untrained = _final_test(model, splits, cfg, cfg['progress']) if cfg['baseline'] and resumed is None else None
+    if resumed is not None:
+        _load_weights(model, resumed)
+        learn.create_opt()
+        learn.opt.load_state_dict(resumed['opt'])
+    start, n, lr = resumed['epoch'] if resumed else 0, cfg['max_epochs'], cfg['lr']
+    t1 = time.perf_counter()
+    try:
+        if start < n:
+            if cfg['scheduler'] == 'one_cycle': learn.fit_one_cycle(n, lr, cbs=cbs, start_epoch=start)
+            elif cfg['scheduler'] == 'step':
+                from fastai.callback.schedule import ParamScheduler
+                learn.fit(n, lr, cbs=[ParamScheduler({'lr': step_sched(lr, cfg['decay_patience'], cfg['decay_rate'], n)})] + cbs,
+                          start_epoch=start)
+            else:
+                learn.fit(n, lr, cbs=plateau_cbs(cfg['decay_patience'], 1 / cfg['decay_rate'], cfg['stop_patience']) + cbs,
+                          start_epoch=start)
+        t2 = time.perf_counter()
+        best = read_checkpoint(ckpt.best_path) if ckpt.best_path.exists() else None
+        if best is not None: _load_weights(model, best)
+        results = _final_test(model, splits, cfg, cfg['progress'])
+        t3 = time.perf_counter()
+        rec = learn.recorder
+        names = [n for n in rec.metric_names[1:] if n != 'time']   # the Recorder keeps no time in its values
+        history = pd.DataFrame(rec.values, columns=names).rename_axis('epoch')
+        res = TrainResult(learn, history, results, untrained, run_dir, best['epoch'] if best else None,
+                          dict(setup=t1 - t0, training=t2 - t1, test=t3 - t2), cfg)
+        if not cfg['no_log']:
+            write_json(dict(best_epoch=res.best_epoch, seconds=res.seconds,
+                            test={f'{s}shot': dict(mean=r.mean, ci95=r.ci95, episodes=len(r.accs)) for s, r in results.items()},
+                            untrained={f'{s}shot': dict(mean=r.mean, ci95=r.ci95) for s, r in (untrained or {}).items()}),
+                       run_dir / 'results.json')
+        if wandb_run is not None:
+            wandb_run.summary.update({f'test_acc_{s}shot': r.mean for s, r in results.items()})
+        return res
+    finally:
+        if wandb_run is not None: wandb_run.finish()
+
+
+def evaluate_checkpoint(load_path,                    # a checkpoint file (best.pth, last.pth) or a run folder (its best.pth)
+         **options) -> EvalResults:    # options of `OPTIONS` that change the test (dataset, root, test_* ...)
+    "The final test alone: 1- and 5-shot accuracy (mean ± 95% CI) of a checkpoint's backbone on the test episodes."
+    options.pop('test_only', None)
+    p = Path(load_path).expanduser()
+    st = read_checkpoint(p / 'best.pth' if p.is_dir() else p)
+    cfg = _options(options, st.get('config'))
+    _check(cfg)
+    splits = get_benchmark(cfg['dataset'], root=cfg['root'])
+    if cfg['size'] is not None:
+        for s in ('train', 'val', 'test'): splits[s].size = cfg['size']
+    backbone, _ = create_backbone(st['arch'], **st['arch_kwargs'])
+    backbone.load_state_dict(st['backbone'])
+    return _final_test(backbone.to(_device(cfg['gpu'])), splits, cfg, cfg['progress'])

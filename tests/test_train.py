@@ -1,0 +1,211 @@
+"`train` on glyphs: it learns, keeps the best checkpoint, resumes exactly, stops on NaN, logs; `fsmtl train`/`test` flags."
+import json
+import math
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from fastai.callback.core import Callback
+
+import fsmtl.train as T
+from fsmtl.checkpoint import read_checkpoint
+from fsmtl.classifier import FewShotClassifier
+from fsmtl.cli import main
+from fsmtl.evaluate import evaluate
+from fsmtl.train import OPTIONS, train
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+
+def small(root, tmp_path, **kw):
+    "Options of a short CPU run on glyphs with a small ResNet-12."
+    return dict(dict(dataset='glyphs', root=str(root), log_dir=str(tmp_path / 'runs'), run_name='run',
+                     model_kwargs=dict(channels=(16, 32, 32, 64)), meta_batch_size=2, epoch_length=40,
+                     val_epoch_length=20, final_test_epoch_length=40, scheduler='one_cycle', lr=3e-3, max_epochs=3,
+                     progress=False), **kw)
+
+
+def column(history, name): return history[name].tolist()
+
+
+@pytest.fixture(scope='module')
+def trained(glyph_root, tmp_path_factory):
+    "A short run with the untrained backbone tested on the same episodes."
+    tmp = tmp_path_factory.mktemp('trained')
+    return train(**small(glyph_root, tmp, baseline=True, max_epochs=4)), tmp
+
+
+def test_a_short_run_learns_and_keeps_its_best_checkpoint(trained, glyph_root):
+    res, tmp = trained
+    for s in (1, 5):
+        gain = res.test[s].mean - res.untrained[s].mean
+        # clearly above the untrained backbone: by more than both confidence intervals together
+        assert gain > res.test[s].ci95 + res.untrained[s].ci95 and gain > 0.05, (s, res.test[s], res.untrained[s])
+    accs = column(res.history, 'episodic_acc')
+    assert len(accs) == 4 and all(0 < a <= 1 for a in accs)
+    best = read_checkpoint(res.run_dir / 'best.pth')
+    assert best['epoch'] == int(np.argmax(accs)) + 1 == res.best_epoch
+    assert best['value'] == pytest.approx(max(accs))
+    # the best file's backbone scores the same validation episodes as the table's best value
+    clf = FewShotClassifier.from_checkpoint(res.run_dir / 'best.pth')
+    again = evaluate(clf.backbone, res.learner.dls, split='val', shots=5, queries=15, episodes=20, progress=False)
+    assert again.mean == pytest.approx(max(accs), abs=1e-6)
+    # fsmtl test gives the run's final test numbers, from the same episodes
+    out = T.evaluate_checkpoint(res.run_dir, root=str(glyph_root), progress=False)
+    for s in (1, 5): assert out[s].accs.tolist() == pytest.approx(res.test[s].accs.tolist())
+    assert set(res.test) == {1, 5} and len(res.test[5].accs) == 40
+    assert '5-way 1-shot test accuracy' in str(res) and 'untrained' in str(res)
+
+
+def test_logs_of_a_run(trained):
+    res, tmp = trained
+    d = res.run_dir
+    assert {p.name for p in d.iterdir()} >= {'best.pth', 'last.pth', 'config.json', 'results.json', 'history.csv'}
+    assert not list(d.glob('*.part'))
+    cfg = json.loads((d / 'config.json').read_text())
+    assert cfg['meta_batch_size'] == 2 and cfg['optim'] == 'radam' and cfg['model'] == 'resnet12'
+    results = json.loads((d / 'results.json').read_text())
+    assert results['test']['5shot']['mean'] == pytest.approx(res.test[5].mean)
+    assert results['test']['1shot']['ci95'] == pytest.approx(res.test[1].ci95)
+    csv = pd.read_csv(d / 'history.csv')
+    assert len(csv) == 4 and csv['episodic_acc'].tolist() == pytest.approx(column(res.history, 'episodic_acc'))
+    events = list((d / 'tensorboard').glob('events.out.tfevents.*'))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(events[0]))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars('episodic_acc')] == pytest.approx(column(res.history, 'episodic_acc'))
+
+
+class Interrupt(Callback):
+    "Stops the process-like flow of training at the start of epoch `at`, as a crash would."
+    def __init__(self, at): self.at = at
+    def before_epoch(self):
+        if self.epoch == self.at: raise KeyboardInterrupt
+
+
+def test_resume_continues_where_it_stopped(glyph_root, tmp_path, monkeypatch):
+    opts = small(glyph_root, tmp_path, scheduler='plateau', decay_patience=1, max_epochs=3, final_test_epoch_length=10,
+                 model_kwargs=dict(channels=(8, 16, 16, 32)))
+    straight = train(**dict(opts, run_name='straight'))
+    make = T.mtl_learner
+    def interrupted(*a, **kw):
+        learn = make(*a, **kw)
+        learn.add_cb(Interrupt(2))
+        return learn
+    monkeypatch.setattr(T, 'mtl_learner', interrupted)
+    with pytest.raises(KeyboardInterrupt): train(**dict(opts, run_name='cut'))
+    monkeypatch.setattr(T, 'mtl_learner', make)
+    assert read_checkpoint(tmp_path / 'runs' / 'cut' / 'last.pth')['epoch'] == 2
+    resumed = train(resume=True, load_path=str(tmp_path / 'runs' / 'cut'), progress=False)
+    # the same three epochs as the uninterrupted run: history, learning rates and the final weights
+    assert resumed.history.shape == straight.history.shape == (3, len(straight.history.columns))
+    pd.testing.assert_frame_equal(resumed.history, straight.history)
+    a, b = read_checkpoint(tmp_path / 'runs' / 'cut' / 'last.pth'), read_checkpoint(tmp_path / 'runs' / 'straight' / 'last.pth')
+    assert a['lr'] == b['lr'] and a['trackers'] == b['trackers']
+    for k in b['backbone']: torch.testing.assert_close(a['backbone'][k], b['backbone'][k], msg=k)
+    assert resumed.test[5].accs.tolist() == straight.test[5].accs.tolist()
+    csv = pd.read_csv(tmp_path / 'runs' / 'cut' / 'history.csv')
+    assert csv['epoch'].tolist() == [0, 1, 2]   # one header, no epoch twice
+
+
+class Poison(Callback):
+    "Makes the head NaN during epoch `at`."
+    order = 0
+    def __init__(self, at): self.at = at
+    def before_batch(self):
+        if self.training and self.epoch == self.at:
+            with torch.no_grad(): self.learn.model.head.fill_(float('nan'))
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(glyph_root, tmp_path, monkeypatch):
+    make = T.mtl_learner
+    monkeypatch.setattr(T, 'mtl_learner', lambda *a, **kw: make(*a, **kw).add_cb(Poison(2)))
+    opts = small(glyph_root, tmp_path, max_epochs=4, model_kwargs=dict(channels=(8, 16, 16, 32)))
+    with pytest.raises(FloatingPointError, match=r'loss became nan at epoch 3.*last\.pth'): train(**opts)
+    last = read_checkpoint(tmp_path / 'runs' / 'run' / 'last.pth')
+    assert last['epoch'] == 2 and torch.isfinite(last['head']).all()
+    assert all(torch.isfinite(v.float()).all() for v in last['backbone'].values())
+    assert not list((tmp_path / 'runs' / 'run').glob('*.part'))
+
+
+@pytest.mark.parametrize('bad,match', [(dict(model='resnet13'), 'resnet12'), (dict(optim='lamb'), 'unknown optimiser'),
+                                       (dict(scheduler='cosine'), 'unknown scheduler'), (dict(algorithm='maml'), 'not in fsmtl yet'),
+                                       (dict(test_method='svm'), 'unknown probe')])
+def test_unknown_names_give_clear_errors(glyph_root, tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match): train(**small(glyph_root, tmp_path, **bad))
+
+
+def test_unknown_option_names_the_close_one():
+    with pytest.raises(TypeError, match='did you mean meta_batch_size'): train(meta_batchsize=2)
+
+
+RECIPES = [  # the original's README recipes, with the flags every one of them has
+    '--norm_train_features --meta_batch_size 2 --test_shots 5 --dataset mini-imagenet',
+    '--norm_train_features --test_shots 1 --dataset mini-imagenet',
+    '--norm_train_features --train_queries 35 --meta_batch_size 1 --test_shots 5 --dataset tiered-imagenet',
+    '--norm_train_features --train_queries 35 --meta_batch_size 2 --test_shots 1 --dataset tiered-imagenet',
+    '--norm_train_features --test_shots 5 --dataset cifarfs',
+    '--norm_train_features --train_queries 15 --meta_batch_size 2 --test_shots 1 --dataset cifarfs',
+    '--test_shots 5 --dataset fc100',
+    '--train_queries 4 --train_shots 1 --meta_batch_size 1 --test_shots 1 --dataset fc100',
+]
+
+
+class Reached(Exception): pass
+
+
+@pytest.mark.parametrize('recipe', RECIPES)
+def test_original_recipes_reach_data_loading(recipe, monkeypatch, tmp_path):
+    seen = {}
+    def dls(name, **kw):
+        seen.update(kw, name=name)
+        raise Reached
+    monkeypatch.setattr(T, 'mtl_dls', dls)
+    argv = ['train', '--gpu', '0', '--root', str(tmp_path), '--algorithm', 'mtl', '--log_dir', str(tmp_path)] + recipe.split()
+    with warnings.catch_warnings(record=True) as w, pytest.raises(Reached):
+        warnings.simplefilter('always')
+        main(argv)
+    if not torch.cuda.is_available():
+        assert seen['device'] == torch.device('cpu') and any('CUDA is not available' in str(x.message) for x in w)
+    toks = recipe.split()
+    flags = {t: v for t, v in zip(toks, toks[1:] + ['--']) if t.startswith('--') and not v.startswith('--')}
+    assert seen['name'] == flags['--dataset'] and seen['root'] == str(tmp_path)
+    for flag, key in [('--meta_batch_size', 'meta_batch_size'), ('--test_shots', 'test_shots'),
+                      ('--train_queries', 'train_queries'), ('--train_shots', 'train_shots')]:
+        assert seen[key] == int(flags[flag]) if flag in flags else seen[key] == OPTIONS[key][0]
+
+
+def test_every_flag_parses_with_underscores_and_hyphens(monkeypatch):
+    got = []
+    monkeypatch.setattr(T, 'train', lambda **kw: got.append(kw) or 'done')
+    values = {bool: [], int: ['3'], float: ['0.5'], str: ['x']}
+    for hyphens in (False, True):
+        argv = ['train']
+        for name, (default, _) in OPTIONS.items():
+            if name == 'progress': continue
+            flag = '--' + (name.replace('_', '-') if hyphens else name)
+            if name == 'model_kwargs': argv += [flag, '{"channels": [8, 16, 16, 32]}']
+            elif name == 'pretrained': argv += [flag, '/w.pth']
+            elif name in ('gpu', 'size', 'num_workers'): argv += [flag, '3']
+            else: argv += [flag] + values[type(default) if default is not None else str]
+        assert main(argv) == 0
+    a, b = got
+    assert a == b and set(a) == set(OPTIONS) - {'progress'}
+    assert a['model_kwargs'] == {'channels': [8, 16, 16, 32]} and a['pretrained'] == '/w.pth' and a['fp16'] is True
+    assert a['lr'] == 0.5 and a['max_epochs'] == 3 and a['gpu'] == 3 and a['dataset'] == 'x'
+
+
+def test_fsmtl_test_and_train_commands(trained, glyph_root, capsys):
+    res, tmp = trained
+    assert main(['test', '--load-path', str(res.run_dir / 'best.pth'), '--root', str(glyph_root),
+                 '--final_test_epoch_length', '40']) == 0
+    out = capsys.readouterr().out
+    assert f"5-way 5-shot test accuracy: {res.test[5]!r} (40 episodes)" in out
+    assert f"5-way 1-shot test accuracy: {res.test[1]!r} (40 episodes)" in out
+    assert main(['train', '--root', str(glyph_root), '--optim', 'lamb']) == 2
+    assert 'unknown optimiser' in capsys.readouterr().err
+    assert main(['test', '--load_path', str(tmp / 'nothing.pth')]) == 2
+    assert 'No checkpoint file' in capsys.readouterr().err
