@@ -1,6 +1,7 @@
 "`train` on glyphs: it learns, keeps the best checkpoint, resumes exactly, stops on NaN, logs; `fsmtl train`/`test` flags."
 import json
-import math
+import re
+import time
 import warnings
 
 import numpy as np
@@ -209,3 +210,42 @@ def test_fsmtl_test_and_train_commands(trained, glyph_root, capsys):
     assert 'unknown optimiser' in capsys.readouterr().err
     assert main(['test', '--load_path', str(tmp / 'nothing.pth')]) == 2
     assert 'No checkpoint file' in capsys.readouterr().err
+
+
+def test_wandb_mode(monkeypatch, tmp_path):
+    from fsmtl.runlog import wandb_mode
+    for k in ('WANDB_MODE', 'WANDB_API_KEY'): monkeypatch.delenv(k, raising=False)
+    netrc = tmp_path / 'netrc'
+    netrc.write_text('machine example.org login a password b\n')
+    monkeypatch.setenv('NETRC', str(netrc))
+    assert wandb_mode() == 'offline'
+    netrc.write_text('machine api.wandb.ai login user password secret\n')
+    assert wandb_mode() == 'online'
+    monkeypatch.setenv('WANDB_MODE', 'disabled')
+    assert wandb_mode() == 'disabled'
+    monkeypatch.delenv('WANDB_MODE')
+    monkeypatch.setenv('NETRC', str(tmp_path / 'none'))
+    monkeypatch.setenv('WANDB_API_KEY', 'x' * 40)
+    assert wandb_mode() == 'online'
+
+
+@pytest.mark.timeout(300)
+def test_wandb_logs_offline_when_not_logged_in(glyph_root, tmp_path, monkeypatch):
+    for k in ('WANDB_MODE', 'WANDB_API_KEY'): monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv('NETRC', str(tmp_path / 'no-netrc'))
+    monkeypatch.setenv('WANDB_SILENT', 'true')
+    res = train(**small(glyph_root, tmp_path, max_epochs=2, wandb=True, final_test_epoch_length=10,
+                        model_kwargs=dict(channels=(8, 16, 16, 32))))
+    runs = list((res.run_dir / 'wandb').glob('offline-run-*'))
+    assert len(runs) == 1
+    run_file = next(runs[0].glob('*.wandb'))
+    for _ in range(40):   # the wandb service may still be writing the run's last records
+        data = run_file.read_bytes()
+        if b'test_acc_5shot' in data: break
+        time.sleep(0.5)
+    def logged(key):
+        "The values logged under `key`: in the run file each is a protobuf string field (tag 0x82 0x01, length) of JSON."
+        return [float(data[m.end():m.end() + m.group(1)[0]]) for m in re.finditer(re.escape(key) + rb'\x82\x01(.)', data, re.S)]
+    # each epoch's values go into the run's history and its summary
+    assert sorted(set(logged(b'episodic_acc'))) == pytest.approx(sorted(set(res.history['episodic_acc'])))
+    assert sorted(set(logged(b'test_acc_5shot'))) == pytest.approx([res.test[5].mean])
