@@ -123,11 +123,12 @@ class TaskAccuracy(Callback):
         if not self.training: return
         with torch.no_grad():
             logits, y = self.learn.loss_func.task_logits(self.pred.detach(), *self.yb)
-            self.correct += int((logits.argmax(1) == y).sum())
+            # counted on the device: no host sync a batch
+            self.correct = self.correct + (logits.argmax(1) == y).sum()
             self.total += len(y)
 
     def after_train(self):
-        if self.total: self.value = self.correct / self.total
+        if self.total: self.value = int(self.correct) / self.total
 
 
 class StopOnNaN(Callback):

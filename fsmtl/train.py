@@ -159,13 +159,14 @@ def _final_test(model, splits, cfg, progress) -> EvalResults:
 def _run_dir(cfg, resume_from) -> Path:
     if resume_from is not None: return resume_from
     name = cfg['run_name'] or f"{cfg['dataset']}-{cfg['model']}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Path(cfg['log_dir']).expanduser() / name
+    # absolute, because fastai's loggers put relative names under the learner's path
+    return (Path(cfg['log_dir']).expanduser() / name).resolve()
 
 
 def _resume_source(cfg) -> Path:
     "The run folder to resume: `load_path`'s, else the run in `log_dir` whose last checkpoint is newest."
     if cfg['load_path']:
-        p = Path(cfg['load_path']).expanduser()
+        p = Path(cfg['load_path']).expanduser().resolve()
         return p if p.is_dir() else p.parent
     runs = sorted(Path(cfg['log_dir']).expanduser().glob('*/last.pth'), key=lambda f: f.stat().st_mtime)
     if not runs: raise FileNotFoundError(f"resume: no run with a last.pth in {cfg['log_dir']}; pass load_path=")

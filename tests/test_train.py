@@ -234,8 +234,10 @@ def test_wandb_logs_offline_when_not_logged_in(glyph_root, tmp_path, monkeypatch
     for k in ('WANDB_MODE', 'WANDB_API_KEY'): monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv('NETRC', str(tmp_path / 'no-netrc'))
     monkeypatch.setenv('WANDB_SILENT', 'true')
-    res = train(**small(glyph_root, tmp_path, max_epochs=2, wandb=True, final_test_epoch_length=10,
+    monkeypatch.chdir(tmp_path)   # a relative log_dir is relative to where the run starts, not to the data
+    res = train(**small(glyph_root, tmp_path, max_epochs=2, wandb=True, final_test_epoch_length=10, log_dir='logs',
                         model_kwargs=dict(channels=(8, 16, 16, 32))))
+    assert res.run_dir == tmp_path / 'logs' / 'run' and (res.run_dir / 'history.csv').is_file()
     runs = list((res.run_dir / 'wandb').glob('offline-run-*'))
     assert len(runs) == 1
     run_file = next(runs[0].glob('*.wandb'))

@@ -1,6 +1,8 @@
 "`mtl_dls`: the fastai DataBlock and DataLoaders of a benchmark, for multi-task training and episodic evaluation."
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from fastai.data.block import CategoryBlock, DataBlock
 from fastai.data.core import DataLoaders
@@ -89,7 +91,7 @@ def mtl_dls(name_or_splits='glyphs',      # a benchmark name for `get_benchmark`
                    n=epoch_length, bs=meta_batch_size, **common)
     evals = [_episode_dl(dsets, pool, s, test_ways, shots, test_queries, n, bs_episodes, seed, common)
              for s, n in [('val', val_episodes), ('test', test_episodes)]]
-    dls = DataLoaders(train, *evals, path=root, device=device)
+    dls = DataLoaders(train, *evals, path=Path(root).expanduser(), device=device)
     dls.splits, dls.test_shots = splits, test_shots
     return dls
 

@@ -1,0 +1,80 @@
+"The training benches, run with tiny settings: their last line `ratio: N` is the quotient of the rates they print; the loops train alike."
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+ROOT = Path(__file__).parents[1]
+NUM = r'([0-9.]+(?:e[+-]?\d+)?)'
+
+
+def run_bench(script, *args, check=True):
+    "Run `bench/<script>` in a child process with one thread; its completed process."
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT)}
+    res = subprocess.run([sys.executable, str(ROOT / 'bench' / script), *args], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT, env=env)
+    if check: assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def last_ratio(out):
+    "The float of the last line, which must read `ratio: N`."
+    m = re.fullmatch(r'ratio: ' + NUM, out.strip().splitlines()[-1])
+    assert m, f"last line is not 'ratio: N': {out.strip().splitlines()[-1]!r}"
+    return float(m[1])
+
+
+def rates(out, pattern):
+    "The two rates of the one line matching `pattern` (two `NUM` groups)."
+    found = re.findall(pattern, out)
+    assert len(found) == 1, out
+    return tuple(float(v) for v in found[0])
+
+
+def best_of_rounds(out, name, unit):
+    "The best of the per-round rates printed on the line of `name`."
+    m = re.search(rf'^{re.escape(name)}\s+rounds: ([0-9.e+\- ]+) {unit}$', out, flags=re.M)
+    assert m, out
+    return max(float(v) for v in m[1].split())
+
+
+def assert_quotient(ratio, num, den):
+    # rates print 5 significant digits, the ratio 3 decimals
+    q = num / den
+    assert ratio == pytest.approx(q, abs=5e-4 + 2e-4 * q), (ratio, num, den)
+
+
+def test_train_step_prints_its_ratio_and_its_loops_train_alike():
+    res = run_bench('train_step.py', '--channels', '4,8,8,16', '--size', '16', '--tasks', '1', '--batches', '3',
+                    '--rounds', '2', '--check')
+    out, ratio = res.stdout, last_ratio(res.stdout)
+    fastai, hand = rates(out, rf'fastai learn\.fit {NUM} batches/s\s+hand loop {NUM} batches/s')
+    assert fastai > 0 and hand > 0
+    assert (fastai, hand) == pytest.approx([best_of_rounds(out, k, 'batches/s') for k in ('fastai', 'hand')])
+    assert_quotient(ratio, fastai, hand)
+    diff, moved = rates(out, rf'check: max abs weight difference fastai vs hand after 3 batches {NUM} '
+                             rf'\(weights moved up to {NUM}')
+    assert moved > 1e-4          # both loops did train
+    assert diff < 1e-5           # and the same way
+
+
+def test_gpu_bench_smoke_run_on_the_cpu():
+    res = run_bench('gpu.py', '--device', 'cpu', '--steps', '2', '--warmup', '1', '--size', '16', '--channels', '4,8,8,16',
+                    '--tasks', '1', '--per-class', '10')
+    out, ratio = res.stdout, last_ratio(res.stdout)
+    fp32, bf16 = rates(out, rf'fp32 {NUM} img/s\s+bf16 \+ channels_last {NUM} img/s')
+    assert fp32 > 0 and bf16 > 0
+    assert (fp32, bf16) == pytest.approx([best_of_rounds(out, k, 'img/s') for k in ('fp32', 'bf16 + channels_last')])
+    assert_quotient(ratio, bf16, fp32)
+    assert 'CPU smoke run' in out and 'loader alone' in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='a CUDA GPU is present')
+def test_gpu_bench_without_cuda_says_how_to_run_it():
+    res = run_bench('gpu.py', check=False)
+    assert res.returncode != 0 and 'CUDA' in res.stderr and '--device cpu' in res.stderr
