@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from fastai.callback.schedule import ParamScheduler
 from fastai.torch_core import default_device, set_seed
 
 from .checkpoint import Checkpoints, read_checkpoint
 from .data.block import mtl_dls
 from .data.benchmarks import get_benchmark
 from .evaluate import EvalResults, evaluate
-from .learner import mtl_learner, plateau_cbs, step_sched
+from .learner import get_opt, mtl_learner, plateau_cbs, step_sched
 from .models import create_backbone
 from .probe import get_probe
 from .runlog import RunCSVLogger, tensorboard_cb, wandb_cb, write_json
@@ -113,7 +114,6 @@ def _check(cfg):
         raise ValueError(f"unknown scheduler {cfg['scheduler']!r}: use one of {', '.join(SCHEDULERS)}")
     if cfg['fp16'] and cfg['bf16']: raise ValueError("choose fp16 or bf16, not both")
     get_probe(cfg['test_method'], cfg['test_l2'])
-    from .learner import get_opt
     get_opt(cfg['optim'])
 
 
@@ -230,7 +230,6 @@ def train(dataset: str | None = None,  # a benchmark name; None: glyphs, or a re
         if start < n:
             if cfg['scheduler'] == 'one_cycle': learn.fit_one_cycle(n, lr, cbs=cbs, start_epoch=start)
             elif cfg['scheduler'] == 'step':
-                from fastai.callback.schedule import ParamScheduler
                 learn.fit(n, lr, cbs=[ParamScheduler({'lr': step_sched(lr, cfg['decay_patience'], cfg['decay_rate'], n)})] + cbs,
                           start_epoch=start)
             else:

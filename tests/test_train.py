@@ -251,3 +251,13 @@ def test_wandb_logs_offline_when_not_logged_in(glyph_root, tmp_path, monkeypatch
     # each epoch's values go into the run's history and its summary
     assert sorted(set(logged(b'episodic_acc'))) == pytest.approx(sorted(set(res.history['episodic_acc'])))
     assert sorted(set(logged(b'test_acc_5shot'))) == pytest.approx([res.test[5].mean])
+
+
+def test_step_schedule_through_train(glyph_root, tmp_path):
+    res = train(**small(glyph_root, tmp_path, scheduler='step', decay_patience=1, decay_rate=0.1, max_epochs=2, lr=1e-3,
+                        epoch_length=8, val_epoch_length=5, final_test_epoch_length=5, no_log=True,
+                        model_kwargs=dict(channels=(8, 16, 16, 32))))
+    lrs = res.learner.recorder.lrs   # one a training batch: 4 batches of 2 tasks an epoch
+    assert lrs == pytest.approx([1e-3] * 4 + [1e-4] * 4)
+    assert not (tmp_path / 'runs' / 'run' / 'history.csv').exists()   # no_log
+    assert (tmp_path / 'runs' / 'run' / 'best.pth').exists()          # checkpoints are still written
