@@ -130,12 +130,14 @@ class Checkpoints(Callback):
     def _save(self):
         if not self.run: return
         epoch, value = len(self.learn.recorder.values), self._value()
+        st = self._state(epoch, value)
         if value is not None and not np.isnan(value) and value > self.best:
             self.best = float(value)
-            save_atomic(self._state(epoch, value), self.best_path)
-        st = self._state(epoch, value)
-        sl = self.learn.recorder.smooth_loss
-        st.update(opt=_tree(self.learn.opt.state_dict()), smooth_loss=(sl.count, torch.as_tensor(sl.val).detach().cpu()), lr=float(self.learn.opt.hypers[-1]['lr']), best=self.best, rng=rng_state(),
-                  trackers=[dict(best=_plain(cb.best), wait=getattr(cb, 'wait', 0)) for cb in self._trackers()])
-        save_atomic(st, self.last_path)
+            save_atomic(st, self.best_path)
+        sl, opt = self.learn.recorder.smooth_loss, self.learn.opt
+        # the best file is the last one's weights and history; the last adds what resuming needs
+        last = dict(st, opt=_tree(opt.state_dict()), lr=float(opt.hypers[-1]['lr']), best=self.best, rng=rng_state(),
+                    smooth_loss=(sl.count, torch.as_tensor(sl.val).detach().cpu()),
+                    trackers=[dict(best=_plain(cb.best), wait=getattr(cb, 'wait', 0)) for cb in self._trackers()])
+        save_atomic(last, self.last_path)
         self.saved_epochs = epoch
