@@ -36,7 +36,7 @@ class MTLModel(nn.Module):
         # each task uses `ways` of the `n_base` rows: the scale of a `ways`-row layer's initialisation
         self.head = nn.Parameter(head * math.sqrt(n_base / ways))
 
-    def features(self, x): 
+    def features(self, x):
         "The features the head sees: the backbone's, L2-normalised when `norm_train_features`."
         f = self.backbone(x)
         return F.normalize(f, dim=-1) if self.norm_train_features else f

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from fastai.callback.schedule import ParamScheduler
 from fastai.torch_core import default_device, set_seed
 
 from .checkpoint import Checkpoints, read_checkpoint
 from .data.block import mtl_dls
 from .data.benchmarks import get_benchmark
 from .evaluate import EvalResults, evaluate
-from .learner import get_opt, mtl_learner, plateau_cbs, step_sched
+from .learner import get_opt, mtl_learner
 from .models import create_backbone
 from .probe import get_probe
 from .runlog import RunCSVLogger, tensorboard_cb, wandb_cb, write_json
@@ -230,11 +229,10 @@ def train(dataset: str | None = None,  # a benchmark name; None: glyphs, or a re
         if start < n:
             if cfg['scheduler'] == 'one_cycle': learn.fit_one_cycle(n, lr, cbs=cbs, start_epoch=start)
             elif cfg['scheduler'] == 'step':
-                learn.fit(n, lr, cbs=[ParamScheduler({'lr': step_sched(lr, cfg['decay_patience'], cfg['decay_rate'], n)})] + cbs,
-                          start_epoch=start)
+                learn.fit_step(n, lr, cfg['decay_patience'], cfg['decay_rate'], cbs=cbs, start_epoch=start)
             else:
-                learn.fit(n, lr, cbs=plateau_cbs(cfg['decay_patience'], 1 / cfg['decay_rate'], cfg['stop_patience']) + cbs,
-                          start_epoch=start)
+                learn.fit_plateau(n, lr, cfg['decay_patience'], 1 / cfg['decay_rate'], cfg['stop_patience'], cbs=cbs,
+                                  start_epoch=start)
         t2 = time.perf_counter()
         best = read_checkpoint(ckpt.best_path) if ckpt.best_path.exists() else None
         if best is not None: _load_weights(model, best)
