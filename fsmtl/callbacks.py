@@ -146,7 +146,9 @@ class StopOnNaN(Callback):
 
 class AMP(MixedPrecision):
     "fastai's `MixedPrecision` on the model's own device (CUDA or CPU), autocasting training batches only."
-    def __init__(self, amp_mode='bf16', **kwargs): super().__init__(amp_mode, **kwargs)
+    def __init__(self, amp_mode='bf16',  # 'bf16' or 'fp16'
+                 **kwargs):              # passed to fastai's `MixedPrecision` (its gradient scaler's settings)
+        super().__init__(amp_mode, **kwargs)
 
     def before_fit(self):
         device = model_device(self.learn.model).type

@@ -14,7 +14,9 @@ from fastcore.foundation import L
 __all__ = ['save_atomic', 'read_checkpoint', 'Checkpoints', 'rng_state', 'set_rng_state']
 
 
-def save_atomic(obj, path) -> Path:
+def save_atomic(obj,   # what to save: a state dict, or any object `torch.save` takes
+                path   # the file to write
+                ) -> Path:
     "`torch.save` `obj` to `path` through a temporary file in the same folder, so `path` is never left half written."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,7 +30,8 @@ def save_atomic(obj, path) -> Path:
     return path
 
 
-def read_checkpoint(path) -> dict:
+def read_checkpoint(path  # a checkpoint file, or a run folder
+                    ) -> dict:
     "The checkpoint at `path` (a file, or a run folder: its `last.pth`), read with `weights_only=True`."
     path = Path(path).expanduser()
     if path.is_dir(): path = path / 'last.pth'
@@ -46,7 +49,7 @@ def rng_state() -> dict:
     return st
 
 
-def set_rng_state(st: dict):
+def set_rng_state(st: dict):  # the states `rng_state` returned
     "Restore the generators' states saved by `rng_state`."
     random.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in st['python']))
     kind, keys, pos, has_gauss, gauss = st['numpy']

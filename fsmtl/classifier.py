@@ -18,7 +18,8 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.
 CHECKPOINT_KEYS = ('arch', 'arch_kwargs', 'backbone', 'size', 'mean', 'std')   # what `from_checkpoint` needs
 
 
-def image_files(folder) -> list:
+def image_files(folder  # a folder of images
+                ) -> list:
     "The image files directly in `folder` (judged by extension, hidden files skipped), sorted by name."
     return sorted(f for f in Path(folder).iterdir()
                   if f.is_file() and not f.name.startswith('.') and f.suffix.lower() in IMAGE_EXTENSIONS)

@@ -18,7 +18,8 @@ from .probe import get_probe
 __all__ = ['EvalResult', 'EvalResults', 'EpisodeScorer', 'ci95', 'episodic_accuracy', 'evaluate']
 
 
-def ci95(accs) -> float:
+def ci95(accs  # accuracy of each episode
+         ) -> float:
     "Half-width of the 95% confidence interval of the mean of `accs`: 1.96 * std / sqrt(n), std over the episodes."
     accs = np.asarray(accs, dtype=np.float64)
     return float(1.96 * accs.std() / np.sqrt(len(accs)))
@@ -117,7 +118,9 @@ def _episodes_source(data, split):
 
 # defined before the function it calls, so that the module's name `evaluate` stays that function
 @patch
-def evaluate(self: Learner, splits_or_dls=None, **kwargs):
+def evaluate(self: Learner,
+             splits_or_dls=None,  # where the episodes come from; None: the learner's DataLoaders
+             **kwargs):           # the options of `evaluate`: split, ways, shots, episodes, probe ...
     "The episodic test of this learner's backbone (see `evaluate`, defined below); episodes from its DataLoaders by default."
     return evaluate(self, splits_or_dls, **kwargs)
 

@@ -9,12 +9,14 @@ from torch import nn
 __all__ = ['feature_model', 'model_device', 'extract_features']
 
 
-def feature_model(model: nn.Module) -> nn.Module:
+def feature_model(model: nn.Module  # a backbone, or a model with a `backbone`
+                  ) -> nn.Module:
     "The part of `model` that maps images to features: its `backbone` when it has one, else `model` itself."
     return getattr(model, 'backbone', model)
 
 
-def model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module  # any module
+                 ) -> torch.device:
     "The device of `model`'s first parameter (the CPU for a model without parameters)."
     return next(model.parameters(), torch.empty(0)).device
 

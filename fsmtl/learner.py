@@ -3,14 +3,16 @@ from __future__ import annotations
 import math
 from functools import partial
 
+import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.schedule import ParamScheduler
 from fastai.callback.tracker import EarlyStoppingCallback, ReduceLROnPlateau
-from fastai.learner import Learner
+from fastai.learner import Learner, Recorder
 from fastai.optimizer import SGD, Adam, OptimWrapper, RAdam
 from fastcore.basics import patch
 
@@ -92,7 +94,7 @@ OPTIMIZERS = {
 }
 
 
-def get_opt(name: str):
+def get_opt(name: str):  # an optimiser name of `OPTIMIZERS`, in any case
     "The fastai optimiser function of an optimiser named as in the original code (see `OPTIMIZERS`)."
     key = str(name).lower()
     if key not in OPTIMIZERS: raise ValueError(f"unknown optimiser {name!r}: use one of {', '.join(OPTIMIZERS)}")
@@ -137,17 +139,49 @@ def step_sched(lr: float,      # the initial learning rate
 
 
 @patch
-def fit_plateau(self: Learner, n_epoch: int, lr=None, patience: int = 4, factor: float = 10., stop_patience: int = 15,
-                cbs=None, **kwargs):
+def fit_plateau(self: Learner,
+                n_epoch: int,             # the most epochs; early stopping may end sooner
+                lr=None,                  # learning rate; None: the learner's
+                patience: int = 4,        # epochs without a gain in `episodic_acc` before the learning rate drops
+                factor: float = 10.,      # the learning rate is divided by this
+                stop_patience: int = 15,  # epochs without a gain before training stops
+                cbs=None,                 # more callbacks for this fit
+                **kwargs):                # passed to `Learner.fit`
     "Fit with the original's plateau schedule on `episodic_acc` (see `plateau_cbs`)."
     self.fit(n_epoch, lr, cbs=plateau_cbs(patience, factor, stop_patience) + list(cbs or []), **kwargs)
 
 
 @patch
-def fit_step(self: Learner, n_epoch: int, lr=None, every: int = 4, rate: float = 0.1, cbs=None, **kwargs):
+def fit_step(self: Learner,
+             n_epoch: int,       # epochs
+             lr=None,            # the initial learning rate; None: the learner's
+             every: int = 4,     # epochs between drops
+             rate: float = 0.1,  # the learning rate is multiplied by this at each drop
+             cbs=None,           # more callbacks for this fit
+             **kwargs):          # passed to `Learner.fit`
     "Fit with the learning rate multiplied by `rate` every `every` epochs."
     lr = self.lr if lr is None else lr
     self.fit(n_epoch, lr, cbs=[ParamScheduler({'lr': step_sched(lr, every, rate, n_epoch)})] + list(cbs or []), **kwargs)
+
+
+@patch
+def history(self: Recorder) -> pd.DataFrame:
+    "The losses and metrics of each epoch of the last fit, one row per epoch (numbered from 0)."
+    names = [n for n in self.metric_names[1:] if n != 'time']   # the Recorder keeps no time in its values
+    return pd.DataFrame(self.values, columns=names).rename_axis('epoch')
+
+
+@patch
+def plot_episodic(self: Recorder,
+                  ax=None):  # matplotlib axes to draw on; None: a new figure
+    "Plot `episodic_acc` of each epoch (numbered from 1) with its 95% confidence interval as error bars."
+    h = self.history()
+    if 'episodic_acc' not in h: raise ValueError("no episodic_acc in this learner's history: add EpisodicEval to its callbacks")
+    h = h.dropna(subset=['episodic_acc'])
+    if ax is None: _, ax = plt.subplots(figsize=(5, 3))
+    ax.errorbar(h.index + 1, 100 * h['episodic_acc'], yerr=100 * h.get('episodic_ci', 0), marker='o', capsize=3)
+    ax.set(xlabel='epoch', ylabel='episodic accuracy (%)', title='validation episodes, mean ± 95% CI')
+    return ax
 
 
 def mtl_learner(dls,                          # DataLoaders from `mtl_dls`
@@ -163,7 +197,8 @@ def mtl_learner(dls,                          # DataLoaders from `mtl_dls`
                 eval_every: int = 1,          # score the validation episodes every this many epochs
                 precision: str = 'fp32',      # 'fp32', 'fp16' or 'bf16' (mixed precision of training batches)
                 channels_last: bool = False,  # the model and its inputs in channels-last memory format
-                **kwargs) -> MTLLearner:      # passed to fastai's `Learner`
+                **kwargs                      # passed to fastai's `Learner`
+                ) -> MTLLearner:
     "A fastai Learner that trains a backbone by multi-task learning on `dls`, scored on its validation episodes (`episodic_acc`)."
     splits = getattr(dls, 'splits', None)
     if splits is None: raise ValueError("mtl_learner needs DataLoaders made by mtl_dls (they carry dls.splits)")

@@ -75,14 +75,14 @@ FINAL_SHOTS = (1, 5)
 @dataclass
 class TrainResult:
     "What `train` returns: the learner (with the best weights), the history of each epoch and the final test results."
-    learner: object
-    history: pd.DataFrame
-    test: EvalResults
-    untrained: EvalResults | None = None
-    run_dir: Path | None = None
-    best_epoch: int | None = None
-    seconds: dict = field(default_factory=dict)
-    config: dict = field(default_factory=dict)
+    learner: object                              # the `Learner`, with the best checkpoint's weights
+    history: pd.DataFrame                        # one row per epoch: losses, `task_acc`, `episodic_acc`, `episodic_ci`
+    test: EvalResults                            # final test accuracy by shot count
+    untrained: EvalResults | None = None         # the untrained backbone on the same episodes (`baseline=True`)
+    run_dir: Path | None = None                  # the run's folder of checkpoints and logs
+    best_epoch: int | None = None                # the epoch of the best checkpoint
+    seconds: dict = field(default_factory=dict)  # time spent in each stage
+    config: dict = field(default_factory=dict)   # every option of the run
 
     def __str__(self):
         lines = [f"best epoch {self.best_epoch} of {len(self.history)}" + (f", run in {self.run_dir}" if self.run_dir else '')]
@@ -173,7 +173,8 @@ def _resume_source(cfg) -> Path:
 
 
 def train(dataset: str | None = None,  # a benchmark name; None: glyphs, or a resumed run's
-          **options) -> TrainResult:   # any of `OPTIONS`, by the original code's names
+          **options                    # any of `OPTIONS`, by the original code's names
+          ) -> TrainResult:
     "Train a backbone by multi-task learning, then test its best checkpoint on 1- and 5-shot episodes (mean ± 95% CI)."
     given = dict(options, **({'dataset': dataset} if dataset is not None else {}))
     if given.get('test_only'):
@@ -238,9 +239,7 @@ def train(dataset: str | None = None,  # a benchmark name; None: glyphs, or a re
         if best is not None: _load_weights(model, best)
         results = _final_test(model, splits, cfg, cfg['progress'])
         t3 = time.perf_counter()
-        rec = learn.recorder
-        names = [n for n in rec.metric_names[1:] if n != 'time']   # the Recorder keeps no time in its values
-        history = pd.DataFrame(rec.values, columns=names).rename_axis('epoch')
+        history = learn.recorder.history()
         res = TrainResult(learn, history, results, untrained, run_dir, best['epoch'] if best else None,
                           dict(setup=t1 - t0, training=t2 - t1, test=t3 - t2), cfg)
         if not cfg['no_log']:
@@ -256,7 +255,8 @@ def train(dataset: str | None = None,  # a benchmark name; None: glyphs, or a re
 
 
 def evaluate_checkpoint(load_path,                    # a checkpoint file (best.pth, last.pth) or a run folder (its best.pth)
-         **options) -> EvalResults:    # options of `OPTIONS` that change the test (dataset, root, test_* ...)
+         **options                     # options of `OPTIONS` that change the test (dataset, root, test_* ...)
+         ) -> EvalResults:
     "The final test alone: 1- and 5-shot accuracy (mean ± 95% CI) of a checkpoint's backbone on the test episodes."
     options.pop('test_only', None)
     p = Path(load_path).expanduser()

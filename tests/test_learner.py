@@ -158,3 +158,10 @@ def test_task_accuracy_by_hand(glyph_splits):
     names = learn.recorder.metric_names[1:]
     assert total == 9 * 50
     assert learn.recorder.values[-1][names.index('task_acc')] == pytest.approx(correct / total)
+    h = learn.recorder.history()   # the same value through the DataFrame, and the plot of episodic accuracy
+    assert len(h) == 1 and h['task_acc'].iloc[0] == pytest.approx(correct / total)
+    ax = learn.recorder.plot_episodic()
+    x, y = ax.lines[0].get_data()
+    assert list(x) == [1] and y[0] == pytest.approx(100 * learn.recorder.values[0][names.index('episodic_acc')])
+    lo, hi = ax.containers[0].lines[2][0].get_segments()[0][:, 1]   # the error bar: mean ± ci
+    assert hi - lo == pytest.approx(200 * learn.recorder.values[0][names.index('episodic_ci')])

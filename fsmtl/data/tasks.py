@@ -17,7 +17,7 @@ __all__ = ['TaskDL', 'EpisodeDL', 'check_task_size', 'local_labels', 'seeded_ran
 
 
 @contextmanager
-def seeded_random(seed):
+def seeded_random(seed):  # the seed of Python's `random` inside the block
     "Seed Python's `random` (what learn2learn samples with) inside the block, and restore its state after."
     state = random.getstate()
     random.seed(seed)
@@ -25,7 +25,11 @@ def seeded_random(seed):
     finally: random.setstate(state)
 
 
-def check_task_size(split: Split, ways: int, per_class: int, what: str, name: str = ''):
+def check_task_size(split: Split,      # the classes to draw from
+                    ways: int,         # classes in a task
+                    per_class: int,    # images of each class in a task
+                    what: str,         # the split's name in the message: 'train', 'val', 'test'
+                    name: str = ''):   # the benchmark's name in the message
     "Fail early, with the fix, when `split` cannot give `ways` classes of `per_class` images each."
     where = f"the {what} split{f' of {name}' if name else ''}"
     if ways < 2: raise ValueError(f"ways must be at least 2, got {ways}")
@@ -103,13 +107,13 @@ class _SplitDL(TfmdDL):
 
 class TaskDL(_SplitDL):
     "Multi-task training batches: `bs` fresh tasks of `ways` classes x `per_class` images, task-major and class-major."
-    def __init__(self, dataset=None,
+    def __init__(self, dataset=None,   # fastai's dataset argument; items come from `split`
                  split: Split = None,    # the base classes
                  ways: int = 5,          # classes in a task
                  per_class: int = 10,    # images of each class in a task: shots + queries
                  n: int = 1600,          # tasks in an epoch
                  bs: int = 6,            # tasks in a batch (meta_batch_size)
-                 **kwargs):
+                 **kwargs):              # passed to fastai's `DataLoader` (device, after_batch ...)
         kwargs.pop('shuffle', None)
         super().__init__(dataset, split=split, ways=ways, per_class=per_class, n=n, bs=bs,
                          drop_last=kwargs.pop('drop_last', True), **kwargs)
@@ -120,7 +124,7 @@ class TaskDL(_SplitDL):
 
 class EpisodeDL(_SplitDL):
     "Fixed evaluation episodes of `ways` novel classes x (`shots` + `queries`) images, the same every epoch and run for one seed."
-    def __init__(self, dataset=None,
+    def __init__(self, dataset=None,  # fastai's dataset argument; items come from `split`
                  split: Split = None,   # the novel classes
                  ways: int = 5,         # classes in an episode
                  shots: int = 5,        # support images of each class (the largest shot count to evaluate)
@@ -129,7 +133,7 @@ class EpisodeDL(_SplitDL):
                  bs: int = 8,           # episodes in a batch
                  seed: int = 0,         # fixes the episodes
                  episodes=None,         # (n, ways * (shots + queries)) item indices; drawn from `seed` when None
-                 **kwargs):
+                 **kwargs):             # passed to fastai's `DataLoader` (device, after_batch ...)
         for k in ('shuffle', 'drop_last', 'per_class'): kwargs.pop(k, None)
         if episodes is None:
             taskset = _sampler(split, ways, shots + queries)

@@ -12,12 +12,13 @@ __all__ = ['BatchCropFlip', 'BatchColorJitter', 'NormalizeInPlace', 'lee19_paddi
 BRIGHTNESS, CONTRAST, SATURATION = 0, 1, 2  # torchvision's ColorJitter operations; hue is off in Lee19
 
 
-def lee19_padding(size: int) -> int:
+def lee19_padding(size: int  # side of the square images
+                  ) -> int:
     "Zero padding of Lee19's random crop: 4 for CIFAR-sized images (32), 8 for ImageNet-sized ones (84)."
     return 4 if size <= 48 else 8
 
 
-def rgb_to_gray(x):
+def rgb_to_gray(x):  # float images (B, 3, H, W)
     "Luma of a float batch (B, 3, H, W) with torchvision's weights, shape (B, 1, H, W)."
     return (0.2989 * x[:, 0]).add_(x[:, 1], alpha=0.587).add_(x[:, 2], alpha=0.114).unsqueeze(1)
 
@@ -92,7 +93,8 @@ class NormalizeInPlace(Normalize):
 
 
 def lee19_tfms(size: int,              # side of the square images
-               mean, std,              # per-channel statistics of the benchmark, images in 0..1
+               mean,                   # per-channel means of the benchmark, images in 0..1
+               std,                    # per-channel standard deviations, images in 0..1
                augment: bool = True):  # add the training augmentation
     "The batch transforms of a benchmark: crop and flip, to float, colour jitter, normalisation (augmentation in training only)."
     aug = [BatchCropFlip(pad=lee19_padding(size)), BatchColorJitter()] if augment else []

@@ -1,0 +1,68 @@
+"Every public name of `fsmtl.all` reads well under `help()` and nbdev's `show_doc`: a one-line docstring, a comment per argument."
+import dataclasses
+import importlib
+import inspect
+
+import re
+
+import pytest
+from fastai.learner import Learner, Recorder
+from fastcore.docments import docments
+
+import fsmtl.all
+
+
+def _documented_args(obj):
+    "The arguments of `obj` a caller passes (for a class, those of its own `__init__` or its fields), with their comments."
+    if inspect.isclass(obj):
+        if hasattr(obj, '_fields'):  # a NamedTuple: a comment after each field's line
+            src = inspect.getsource(obj)
+            return {f: (m.group(1).strip() if (m := re.search(rf'^\s+{f}\s*:[^#\n]*#([^\n]*)', src, re.M)) else None)
+                    for f in obj._fields}
+        if dataclasses.is_dataclass(obj): target = obj
+        elif '__init__' in vars(obj): target = obj.__init__
+        else: return {}
+    else: target = obj
+    return {k: v['docment'] for k, v in docments(target, full=True, args_kwargs=True).items() if k not in ('self', 'return')}
+
+
+def _one_line(obj):
+    doc = obj.__doc__
+    return bool(doc) and doc.strip() != '' and '\n' not in doc.strip()
+
+
+def test_all_lists_every_public_function_and_class():
+    for m in fsmtl.all.MODULES:
+        mod = importlib.import_module(f'fsmtl.{m}')
+        for n in mod.__all__:
+            obj = getattr(mod, n)
+            if inspect.isclass(obj) or inspect.isfunction(obj): assert n in fsmtl.all.__all__, f"{m}.{n}"
+    assert len(fsmtl.all.__all__) == len(set(fsmtl.all.__all__)) > 50
+    ns = {}
+    exec('from fsmtl.all import *', ns)
+    assert set(ns) - {'__builtins__'} == set(fsmtl.all.__all__)
+
+
+@pytest.mark.parametrize('name', fsmtl.all.__all__)
+def test_public_name_documented(name):
+    obj = getattr(fsmtl.all, name)
+    assert obj.__module__.startswith('fsmtl.'), f"{name} comes from {obj.__module__}"
+    assert _one_line(obj), f"{name} needs a one-line docstring, has {obj.__doc__!r}"
+    missing = [a for a, c in _documented_args(obj).items() if not c]
+    assert not missing, f"{name}: no comment after the argument(s) {missing}"
+
+
+@pytest.mark.parametrize('cls,name', [(Learner, 'evaluate'), (Learner, 'fit_plateau'), (Learner, 'fit_step'),
+                                      (Recorder, 'history'), (Recorder, 'plot_episodic')])
+def test_patched_methods_documented(cls, name):
+    meth = getattr(cls, name)
+    assert _one_line(meth), f"{cls.__name__}.{name}"
+    assert all(_documented_args(meth).values()), f"{cls.__name__}.{name}: {_documented_args(meth)}"
+
+
+def test_check_catches_a_missing_comment():
+    def f(a,   # the first
+          b): "Adds."
+    def g(a): "Adds.\n\nAnd more."
+    assert _documented_args(f) == {'a': 'the first', 'b': None}
+    assert not _one_line(g) and _one_line(f)
