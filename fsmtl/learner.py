@@ -181,6 +181,7 @@ def plot_episodic(self: Recorder,
     if ax is None: _, ax = plt.subplots(figsize=(5, 3))
     ax.errorbar(h.index + 1, 100 * h['episodic_acc'], yerr=100 * h.get('episodic_ci', 0), marker='o', capsize=3)
     ax.set(xlabel='epoch', ylabel='episodic accuracy (%)', title='validation episodes, mean ± 95% CI')
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     return ax
 
 
@@ -198,7 +199,7 @@ def mtl_learner(dls,                          # DataLoaders from `mtl_dls`
                 precision: str = 'fp32',      # 'fp32', 'fp16' or 'bf16' (mixed precision of training batches)
                 channels_last: bool = False,  # the model and its inputs in channels-last memory format
                 **kwargs                      # passed to fastai's `Learner`
-                ) -> MTLLearner:
+                ) -> MTLLearner:              # call `fit_one_cycle`, `fit_plateau`, `evaluate` ... on it
     "A fastai Learner that trains a backbone by multi-task learning on `dls`, scored on its validation episodes (`episodic_acc`)."
     splits = getattr(dls, 'splits', None)
     if splits is None: raise ValueError("mtl_learner needs DataLoaders made by mtl_dls (they carry dls.splits)")

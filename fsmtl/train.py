@@ -19,7 +19,7 @@ from .models import create_backbone
 from .probe import get_probe
 from .runlog import RunCSVLogger, tensorboard_cb, wandb_cb, write_json
 
-__all__ = ['OPTIONS', 'ALGORITHMS', 'SCHEDULERS', 'TrainResult', 'train', 'evaluate_checkpoint']
+__all__ = ['OPTIONS', 'ALGORITHMS', 'SCHEDULERS', 'RECIPES', 'recipe_command', 'TrainResult', 'train', 'evaluate_checkpoint']
 
 # Every option of `train` and of `fsmtl train`, under the original code's names: name -> (default, help).
 OPTIONS = {
@@ -69,6 +69,27 @@ OPTIONS = {
 }
 ALGORITHMS = ('mtl',)
 SCHEDULERS = ('plateau', 'step', 'one_cycle')
+
+# The original code's published recipes (ResNet-12, `--algorithm mtl`), each with the 5-way test accuracy (%, mean ±
+# 95% CI) the paper reports for it: `train(r['dataset'], **r['options'])` or `fsmtl train` with `recipe_command(r)`.
+RECIPES = tuple(dict(dataset=d, shots=s, options=o, paper=p) for d, s, o, p in [
+    ('mini-imagenet', 5, dict(norm_train_features=True, meta_batch_size=2, test_shots=5), '77.72 ± 0.09'),
+    ('mini-imagenet', 1, dict(norm_train_features=True, test_shots=1), '59.84 ± 0.22'),
+    ('tiered-imagenet', 5, dict(norm_train_features=True, train_queries=35, meta_batch_size=1, test_shots=5), '83.69 ± 0.02'),
+    ('tiered-imagenet', 1, dict(norm_train_features=True, train_queries=35, meta_batch_size=2, test_shots=1), '67.11 ± 0.12'),
+    ('cifarfs', 5, dict(norm_train_features=True, test_shots=5), '84.1 ± 0.1'),
+    ('cifarfs', 1, dict(norm_train_features=True, train_queries=15, meta_batch_size=2, test_shots=1), '69.5 ± 0.3'),
+    ('fc100', 5, dict(test_shots=5), '57.7 ± 0.3'),
+    ('fc100', 1, dict(train_queries=4, train_shots=1, meta_batch_size=1, test_shots=1), '42.4 ± 0.2')])
+
+
+def recipe_command(recipe: dict,   # one of `RECIPES`, or any dict with a `dataset` and `options`
+                   **extra         # more options, e.g. `root='~/data'`
+                   ) -> str:       # one line, flags as in the original README
+    "The `fsmtl train` command line of `recipe`."
+    opts = dict(recipe['options'], **extra)
+    flags = [f'--{k}' if v is True else f'--{k} {v}' for k, v in opts.items() if v is not False]
+    return ' '.join(['fsmtl train --dataset', recipe['dataset'], *flags])
 FINAL_SHOTS = (1, 5)
 
 
@@ -174,7 +195,7 @@ def _resume_source(cfg) -> Path:
 
 def train(dataset: str | None = None,  # a benchmark name; None: glyphs, or a resumed run's
           **options                    # any of `OPTIONS`, by the original code's names
-          ) -> TrainResult:
+          ) -> TrainResult:            # the learner, its history and the test results
     "Train a backbone by multi-task learning, then test its best checkpoint on 1- and 5-shot episodes (mean ± 95% CI)."
     given = dict(options, **({'dataset': dataset} if dataset is not None else {}))
     if given.get('test_only'):
@@ -256,7 +277,7 @@ def train(dataset: str | None = None,  # a benchmark name; None: glyphs, or a re
 
 def evaluate_checkpoint(load_path,                    # a checkpoint file (best.pth, last.pth) or a run folder (its best.pth)
          **options                     # options of `OPTIONS` that change the test (dataset, root, test_* ...)
-         ) -> EvalResults:
+         ) -> EvalResults:             # mean ± 95% CI of each shot count
     "The final test alone: 1- and 5-shot accuracy (mean ± 95% CI) of a checkpoint's backbone on the test episodes."
     options.pop('test_only', None)
     p = Path(load_path).expanduser()

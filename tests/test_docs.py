@@ -48,8 +48,12 @@ def test_public_name_documented(name):
     obj = getattr(fsmtl.all, name)
     assert obj.__module__.startswith('fsmtl.'), f"{name} comes from {obj.__module__}"
     assert _one_line(obj), f"{name} needs a one-line docstring, has {obj.__doc__!r}"
-    missing = [a for a, c in _documented_args(obj).items() if not c]
+    args = _documented_args(obj)
+    missing = [a for a, c in args.items() if not c]
     assert not missing, f"{name}: no comment after the argument(s) {missing}"
+    if inspect.isfunction(obj):   # show_doc reads no comment of **kwargs, which must not then pass for the return's
+        ret = docments(obj)['return']
+        assert ret is None or ret not in args.values(), f"{name}: show_doc reads {ret!r} as the return's comment"
 
 
 @pytest.mark.parametrize('cls,name', [(Learner, 'evaluate'), (Learner, 'fit_plateau'), (Learner, 'fit_step'),

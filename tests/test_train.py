@@ -158,6 +158,19 @@ RECIPES = [  # the original's README recipes, with the flags every one of them h
 class Reached(Exception): pass
 
 
+def _flags(cmd):
+    toks = cmd.split()
+    return {t: (v if not v.startswith('--') else True) for t, v in zip(toks, toks[1:] + ['--']) if t.startswith('--')}
+
+
+def test_recipes_table_matches_the_original_readme():
+    ours = [_flags(T.recipe_command(r)) for r in T.RECIPES]
+    assert len(ours) == 8 and all(_flags(r) in ours for r in RECIPES)
+    paper = {('mini-imagenet', 1): '59.84 ± 0.22', ('mini-imagenet', 5): '77.72 ± 0.09', ('fc100', 1): '42.4 ± 0.2'}
+    assert all(r['paper'] == paper[k] for r in T.RECIPES if (k := (r['dataset'], r['shots'])) in paper)
+    assert all(r['options']['test_shots'] == r['shots'] for r in T.RECIPES)
+
+
 @pytest.mark.parametrize('recipe', RECIPES)
 def test_original_recipes_reach_data_loading(recipe, monkeypatch, tmp_path):
     seen = {}

@@ -266,7 +266,7 @@ def get_benchmark(
     root='~/data',   # folder of the data folders; for 'folder', the user's folder of images itself
     download=True,   # download missing files; False raises an error that names them and where to put them
     **kwargs,        # passed to the benchmark: `ratios`, `seed`, `size` for 'folder', the options of `glyphs`
-) -> FewShotSplits:
+) -> FewShotSplits:  # the train, val and test splits
     "The base (train) and novel (val, test) classes of benchmark `name`, downloaded into `root` when missing."
     builder = {_key(k): v for k, v in BENCHMARKS.items()}.get(_key(name))
     if builder is None: raise ValueError(f"Unknown benchmark {name!r}: use one of {', '.join(BENCHMARKS)}")

@@ -72,7 +72,7 @@ def mtl_dls(name_or_splits='glyphs',      # a benchmark name for `get_benchmark`
             device=None,                  # where batches go and are augmented; None: fastai's default (GPU when there is one)
             download: bool = True,        # fetch missing benchmark files
             **kwargs                      # passed to `get_benchmark`
-            ) -> DataLoaders:
+            ) -> DataLoaders:             # train (tasks), valid and test (episodes)
     "DataLoaders of a benchmark: multi-task training batches, then fixed validation and test episodes (`dls[2]`)."
     splits = name_or_splits if isinstance(name_or_splits, FewShotSplits) else \
         get_benchmark(name_or_splits, root=root, download=download, **kwargs)

@@ -102,7 +102,6 @@ class _SplitDL(TfmdDL):
         axs = get_grid(n_rows * n_cols, nrows=n_rows, ncols=n_cols, figsize=figsize or (1.6 * n_cols, 1.8 * n_rows))
         for ax, im, c in zip(axs, x, y):
             show_image(im.permute(1, 2, 0).numpy(), ax=ax, title=str(self.vocab[int(c)]) if self.vocab is not None else str(int(c)), **kwargs)
-        return axs
 
 
 class TaskDL(_SplitDL):

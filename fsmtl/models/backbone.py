@@ -24,7 +24,7 @@ def check_arch(arch: str):  # timm name of an architecture, optionally with a we
 def create_backbone(arch: str = 'resnet12',               # timm name of the architecture: 'resnet12', 'resnet18'...
                     pretrained: bool | str | Path = False,  # True: timm's weights from the hub; a path: a local weights file
                     **kwargs                                # passed to `timm.create_model`, and kept to rebuild the backbone
-                    ) -> tuple[nn.Module, int]:
+                    ) -> tuple[nn.Module, int]:             # the backbone and its number of features
     "A timm backbone that gives pooled features (no classifier), and the number of its features."
     check_arch(arch)
     if isinstance(pretrained, (str, Path)):

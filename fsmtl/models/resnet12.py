@@ -132,6 +132,6 @@ default_cfgs = generate_default_cfgs({'resnet12': dict(
 @register_model
 def resnet12(pretrained: bool = False,  # load the file given by `pretrained_cfg_overlay=dict(file=...)`
              **kwargs                 # passed to `ResNet12` (channels, drop_rate ...) and timm's `build_model_with_cfg`
-             ) -> ResNet12:
+             ) -> ResNet12:           # the backbone, with a classifier when `num_classes` > 0
     "ResNet-12 of widths 64-160-320-640 (MetaOptNet, RFS); no hub weights exist, pass a file by `pretrained_cfg_overlay`."
     return build_model_with_cfg(ResNet12, 'resnet12', pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
