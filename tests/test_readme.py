@@ -41,3 +41,33 @@ def test_other_shell_commands_are_known():
              'bash tools/install.sh /path/to/your/venv'}
     assert {c for c in _commands('sh') if not c.startswith('fsmtl ')} == known
     assert all(t in (Path(__file__).parents[1] / 'Makefile').read_text() for t in ('\ntrain:', '\ntest:'))
+
+
+def test_install_lines_are_what_install_sh_runs():
+    "The README's pip line is the one `tools/install.sh` (which `make test` runs) starts with, and the editable install it names is there too."
+    script = (Path(__file__).parents[1] / 'tools' / 'install.sh').read_text().replace('$pip install -q ', 'pip install ')
+    pips = [c for c in _commands('sh') if c.startswith('pip ')]
+    assert pips and all(c in script for c in pips)
+    assert 'pip install -e ".[dev,wandb,optim,tensorboard]"' in script and '`pip install -e ".[dev,wandb,optim,tensorboard]"`' in README
+
+
+def test_make_train_command_runs_shortened(tmp_path, glyph_root):
+    "`make train`'s own command line, with epochs and episodes cut down: every flag it passes is valid and it prints both shot counts."
+    makefile = (Path(__file__).parents[1] / 'Makefile').read_text()
+    recipe = re.search(r"\ntrain:.*?\n\t(\$\(VENV\)/bin/fsmtl train .*?)\n\n", makefile, re.S).group(1).replace('\\\n\t\t', '')
+    args = shlex.split(recipe)[2:] + ['--max_epochs', '1', '--epoch_length', '12', '--val_epoch_length', '10',
+                                      '--final_test_epoch_length', '20', '--log_dir', str(tmp_path), '--root', str(glyph_root)]
+    assert '--baseline' in args and '--max_epochs' in args[:-14]
+    res = subprocess.run([str(Path(sys.executable).parent / 'fsmtl'), 'train', *args], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert re.search(r'1-shot test accuracy: [\d.]+ ± [\d.]+% \(20 episodes\)\s+untrained backbone', res.stdout)
+    assert re.search(r'5-shot test accuracy: [\d.]+ ± [\d.]+% \(20 episodes\)\s+untrained backbone', res.stdout)
+
+
+def test_recipes_table_is_fsmtl_recipes():
+    from fsmtl.train import RECIPES, recipe_command
+    rows = [l for l in README.splitlines() if l.startswith('| ') and 'fsmtl train --dataset' in l]
+    assert len(rows) == len(RECIPES)
+    for r, row in zip(RECIPES, rows):
+        cells = [c.strip() for c in row.strip('|').split('|')]
+        assert cells[1:4] == [str(r['shots']), f"`{recipe_command(r)}`", r['paper']] and cells[4] == 'not measured yet'
