@@ -93,12 +93,16 @@ class FewShotClassifier:
         return f"FewShotClassifier({type(self.backbone).__name__}, {self.size}px, {self.probe} probe, {fitted})"
 
     @classmethod
-    def from_learner(cls, learn, probe='logistic', **kw):
+    def from_learner(cls,
+                     learn,              # a trained `mtl_learner`
+                     probe='logistic',   # 'logistic', 'sklearn' or 'proto', or a probe
+                     **kw):              # more arguments of `FewShotClassifier` (C, chunk ...)
         "An unfitted classifier on the backbone of `learn`, with its benchmark's image size and normalisation."
         s = learn.dls.splits
         return cls(feature_model(learn.model), s.size, s.mean, s.std, probe, **kw)
 
-    def features(self, images) -> torch.Tensor:
+    def features(self, images  # file paths, PIL images, arrays or tensors
+                 ) -> torch.Tensor:
         "L2-normalised features (N, D) of `images`, on the backbone's device; `chunk` images are read at a time."
         items, device = _items(images), model_device(self.backbone)
         if not items: raise ValueError("no images given")
@@ -106,7 +110,9 @@ class FewShotClassifier:
                                                                       self.std).to(device), self.chunk)
                           for i in range(0, len(items), self.chunk)])
 
-    def fit(self, support, labels):
+    def fit(self,
+            support,  # a few images of each class: file paths, PIL images, arrays or tensors
+            labels):  # the class of each, any hashable values
         "Fit the probe on the `support` images and their `labels` (any hashable values; classes in order of first appearance)."
         items = _items(support)
         labels = labels.tolist() if isinstance(labels, (torch.Tensor, np.ndarray)) else list(labels)
@@ -125,12 +131,13 @@ class FewShotClassifier:
         self.probe_ = get_probe(self.probe, self.C).fit(self.support, self.support_labels)
         return self
 
-    def predict_proba(self, images) -> np.ndarray:
+    def predict_proba(self, images  # file paths, PIL images, arrays or tensors
+                      ) -> np.ndarray:
         "Probabilities (N, n_classes) of the classes of `images`, columns in the order of `classes`."
         if not hasattr(self, 'probe_'): raise RuntimeError("the classifier is not fitted: call fit(support, labels) first")
         return self.probe_.predict_proba(self.features(images).to(self.support.device)).cpu().numpy()
 
-    def predict(self, images):
+    def predict(self, images):  # file paths, PIL images, arrays or tensors
         "The predicted label of each of `images` (a list) and its probability (a numpy array)."
         p = self.predict_proba(images)
         best = p.argmax(1)
@@ -147,7 +154,7 @@ class FewShotClassifier:
                              "rebuilt from the file: pass arch='<timm model name>' (and arch_kwargs=) to FewShotClassifier")
         return arch, dict(self.arch_kwargs if self.arch_kwargs is not None else kwargs)
 
-    def save(self, path):
+    def save(self, path):  # the file to write
         "Save to `path` (through a temporary file) what `load` needs; label values other than str or int are stored as str."
         arch, kwargs = self._arch()
         if not isinstance(self.probe, str): raise ValueError("save needs the probe by name ('logistic', 'sklearn' or 'proto')")
@@ -172,7 +179,11 @@ class FewShotClassifier:
         return state
 
     @classmethod
-    def from_checkpoint(cls, path, probe='logistic', device=None, **kw):
+    def from_checkpoint(cls,
+                        path,              # best.pth or last.pth of a run, or a run folder
+                        probe='logistic',  # 'logistic', 'sklearn' or 'proto', or a probe
+                        device=None,       # where the backbone runs; None: the GPU when there is one
+                        **kw):             # more arguments of `FewShotClassifier` (C, chunk ...)
         "An unfitted classifier on the backbone saved in the checkpoint `path`, rebuilt with timm (on `device`, the CPU by default)."
         return cls._build(cls._read(path), path, probe, device, **kw)
 
@@ -188,7 +199,9 @@ class FewShotClassifier:
                    arch=st['arch'], arch_kwargs=st['arch_kwargs'], **kw)
 
     @classmethod
-    def load(cls, path, device=None):
+    def load(cls,
+             path,          # a file written by `save`
+             device=None):  # where the backbone runs; None: the GPU when there is one
         "The classifier saved at `path`, its probe refitted on the stored support features (so it predicts as before)."
         st = cls._read(path)
         clf = cls._build(st, path, st.get('probe', 'logistic'), device, C=st.get('C', 3.))

@@ -66,7 +66,7 @@ class EpisodeScorer:
             raise ValueError(f"the episodes have {per_class - queries} support images a class, fewer than {max(self.shots)} shots")
         self.accs, self.held, self.rows = {s: [] for s in self.shots}, [], 0
 
-    def add(self, features):
+    def add(self, features):  # features (n * ways * per_class, D) of whole episodes
         "Features (n * ways * per_class, D) of whole episodes, in the order of their images."
         self.held.append(features)
         self.rows += len(features)

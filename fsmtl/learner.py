@@ -38,12 +38,14 @@ class MTLModel(nn.Module):
         # each task uses `ways` of the `n_base` rows: the scale of a `ways`-row layer's initialisation
         self.head = nn.Parameter(head * math.sqrt(n_base / ways))
 
-    def features(self, x):
+    def features(self, x):  # images (N, C, H, W)
         "The features the head sees: the backbone's, L2-normalised when `norm_train_features`."
         f = self.backbone(x)
         return F.normalize(f, dim=-1) if self.norm_train_features else f
 
-    def forward(self, x): return F.linear(self.features(x), self.head)
+    def forward(self, x):  # images (N, C, H, W)
+        "Scores (N, n_base) of every base class: the features times the head."
+        return F.linear(self.features(x), self.head)
 
 
 class MultiTaskLoss(nn.Module):
@@ -54,7 +56,9 @@ class MultiTaskLoss(nn.Module):
         super().__init__()
         self.ways, self.per_class = ways, per_class
 
-    def task_logits(self, logits, y):
+    def task_logits(self,
+                    logits,  # scores (N, n_base) of the batch's images
+                    y):      # their global class ids, task-major and class-major
         "Each image's logits over its task's classes (N, ways) and its label 0..ways-1 within the task."
         y = y.as_subclass(torch.Tensor).long()
         n = self.ways * self.per_class
@@ -108,7 +112,14 @@ def get_opt(name: str):  # an optimiser name of `OPTIMIZERS`, in any case
 
 class MTLLearner(Learner):
     "fastai's `Learner`, whose `fit(start_epoch=k)` resumes at epoch `k` without logging the epochs before it."
-    def fit(self, n_epoch, lr=None, wd=None, cbs=None, reset_opt=False, start_epoch=0):
+    def fit(self,
+            n_epoch: int,      # epochs, counting those before `start_epoch`
+            lr=None,           # learning rate; None: the learner's
+            wd=None,           # weight decay; None: the learner's
+            cbs=None,          # more callbacks for this fit
+            reset_opt=False,   # a new optimiser
+            start_epoch=0):    # the epoch to resume at
+        "fastai's `fit`, starting at `start_epoch` (the schedules run as if the epochs before had run)."
         # fastai's SkipToEpoch cancels earlier epochs one by one, and each cancelled epoch still adds a row to the history
         self._start_epoch = start_epoch
         try: super().fit(n_epoch, lr=lr, wd=wd, cbs=cbs, reset_opt=reset_opt)

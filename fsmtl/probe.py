@@ -38,25 +38,27 @@ def _n_classes(y) -> int:
 
 class _Probe:
     "What the probes share: `fit(x, y)` on support features, then `predict` / `predict_proba` on query features."
-    def fit(self, x, y):
+    def fit(self,
+            x,   # support features (E, n, D), or (n, D) for one episode
+            y):  # their labels 0..W-1, (E, n) or (n,)
         "Fit on support features `x` (E, n, D) or (n, D) with labels `y` in 0..W-1; returns the probe."
         x, y, self.single = _episodes(x, y)
         self.ways = _n_classes(y)
         self._fit(x, y)
         return self
 
-    def logits(self, x):
+    def logits(self, x):  # query features (E, m, D), or (m, D) for one episode
         "Class scores of query features `x` (E, m, D) or (m, D), for the episodes the probe was fitted on."
         if not hasattr(self, 'ways'): raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(support, labels) first")
         x, _, single = _episodes(x)
         out = self._logits(x)
         return out[0] if single else out
 
-    def predict_proba(self, x):
+    def predict_proba(self, x):  # query features (E, m, D), or (m, D)
         "Class probabilities of query features `x`, shape (E, m, W) or (m, W)."
         return self.logits(x).softmax(-1)
 
-    def predict(self, x):
+    def predict(self, x):  # query features (E, m, D), or (m, D)
         "Predicted class (0..W-1) of query features `x`, shape (E, m) or (m,)."
         return self.logits(x).argmax(-1)
 

@@ -6,6 +6,7 @@ import inspect
 import re
 
 import pytest
+from fastai.callback.core import _events
 from fastai.learner import Learner, Recorder
 from fastcore.docments import docments
 
@@ -54,6 +55,22 @@ def test_public_name_documented(name):
     if inspect.isfunction(obj):   # show_doc reads no comment of **kwargs, which must not then pass for the return's
         ret = docments(obj)['return']
         assert ret is None or ret not in args.values(), f"{name}: show_doc reads {ret!r} as the return's comment"
+
+
+# what fastai, torch and timm call rather than the user: callback events and the overridden hooks of a framework
+FRAMEWORK = set(_events) | {'forward', 'create_item', 'create_batch', 'new', 'encodes', 'decodes'}
+METHODS = [(n, m) for n in fsmtl.all.__all__ if inspect.isclass(c := getattr(fsmtl.all, n))
+           for k in c.__mro__ if k.__module__.startswith('fsmtl.')
+           for m, f in vars(k).items() if not m.startswith('_') and m not in FRAMEWORK
+           and inspect.isfunction(getattr(f, '__func__', f))]
+
+
+@pytest.mark.parametrize('cls,name', METHODS)
+def test_public_methods_documented(cls, name):
+    meth = getattr(getattr(fsmtl.all, cls), name)
+    assert _one_line(meth), f"{cls}.{name} needs a one-line docstring"
+    missing = [a for a, c in _documented_args(meth).items() if not c and a != 'cls']
+    assert not missing, f"{cls}.{name}: no comment after the argument(s) {missing}"
 
 
 @pytest.mark.parametrize('cls,name', [(Learner, 'evaluate'), (Learner, 'fit_plateau'), (Learner, 'fit_step'),

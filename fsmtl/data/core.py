@@ -52,7 +52,8 @@ class Split:
         "Number of images of each class."
         return np.bincount(self.labels, minlength=self.n_classes)
 
-    def load(self, idxs) -> np.ndarray:
+    def load(self, idxs  # item indices into the split
+             ) -> np.ndarray:
         "Images `idxs` as one uint8 array (n, H, W, 3)."
         idxs = np.asarray(idxs, dtype=np.int64)
         if self.in_memory:

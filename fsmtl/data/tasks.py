@@ -78,7 +78,7 @@ class _SplitDL(TfmdDL):
         self.split, self.ways, self.per_class, self.label_offset, self.vocab = split, ways, per_class, label_offset, vocab
         super().__init__(dataset, **kwargs)
 
-    def load_task(self, idxs):
+    def load_task(self, idxs):  # item indices of one task, class-major
         "Images (uint8, channels first) and global class ids of the split's items `idxs`."
         x = torch.from_numpy(self.split.load(idxs)).permute(0, 3, 1, 2).contiguous()
         y = torch.from_numpy(self.split.labels[idxs] + self.label_offset)
@@ -92,7 +92,12 @@ class _SplitDL(TfmdDL):
         keep = dict(split=self.split, ways=self.ways, per_class=self.per_class, label_offset=self.label_offset, vocab=self.vocab)
         return super().new(dataset, cls, **{**keep, **kwargs})
 
-    def show_batch(self, b=None, max_n: int = 4, per_class: int = 1, figsize=None, **kwargs):
+    def show_batch(self,
+                   b=None,              # a batch (x, y); None: a new one
+                   max_n: int = 4,      # tasks (rows) at most
+                   per_class: int = 1,  # images of each class
+                   figsize=None,        # matplotlib figure size; None: from the grid
+                   **kwargs):           # passed to fastai's `show_image`
         "Draw up to `max_n` tasks as rows, `per_class` images of each class, titled with the class names."
         x, y = self.decode(self.one_batch() if b is None else b)
         x = x.clamp(0, 255).to(torch.uint8)  # decoding gives 0..255 as int64

@@ -34,12 +34,18 @@ class BatchCropFlip(Transform):
         super().__init__()
         self.pad, self.flip_p = pad, flip_p
 
-    def draw(self, n: int, device=None):
+    def draw(self,
+             n: int,        # images in the batch
+             device=None):  # where the draws are made (the batch's device)
         "Crop offsets into the padded image (rows, columns, each 0..2*pad) and flips for `n` images."
         top, left = torch.randint(0, 2 * self.pad + 1, (2, n), device=device)
         return top, left, torch.rand(n, device=device) < self.flip_p
 
-    def apply(self, x, top, left, flip):
+    def apply(self,
+              x,      # float or uint8 images (B, C, H, W)
+              top,    # row offset of each crop, 0..2*pad
+              left,   # column offset of each crop, 0..2*pad
+              flip):  # which images to mirror, bool (B,)
         "Pad batch `x` (B, C, H, W) with zeros, cut an HxW window at (`top`, `left`) of each image, mirror those in `flip`."
         b, c, h, w = x.shape
         wp = w + 2 * self.pad
@@ -60,13 +66,17 @@ class BatchColorJitter(Transform):
         super().__init__()
         self.jitter = jitter
 
-    def draw(self, n: int, device=None):
+    def draw(self,
+             n: int,        # images in the batch
+             device=None):  # where the draws are made (the batch's device)
         "Brightness, contrast and saturation factors (n, 3), and each image's order of the three operations (n, 3)."
         factors = torch.empty(n, 3, device=device).uniform_(1 - self.jitter, 1 + self.jitter)
         return factors, torch.rand(n, 3, device=device).argsort(dim=1)
 
     @staticmethod
-    def apply(x, factors, order):
+    def apply(x,        # float images (B, 3, H, W) in 0..1, changed in place
+              factors,  # brightness, contrast and saturation factors (B, 3)
+              order):   # each image's order of the three operations (B, 3)
         "Blend each image of `x`, in place, with black, its mean grey or its grey image, in its own order, clamping after each step."
         for step in range(3):
             op = order[:, step].view(-1, 1, 1, 1)

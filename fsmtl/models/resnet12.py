@@ -90,25 +90,29 @@ class ResNet12(nn.Module):
         "The classifier head (`nn.Identity` when `num_classes` is 0)."
         return self.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None):
+    def reset_classifier(self,
+                         num_classes: int,                # outputs of the new head; 0 for none
+                         global_pool: str | None = None):  # timm's pooling name; None keeps the current one
         "A new head of `num_classes` outputs (0: none), keeping the pooling unless `global_pool` is given."
         self.num_classes = num_classes
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, **get_device_dtype(self),
                                                       pool_type=global_pool or self.global_pool.pool_type)
 
-    def forward_features(self, x):
+    def forward_features(self, x):  # images (N, C, H, W)
         "The feature map of the last stage, (N, 640, H/16, W/16); a training pass also advances the DropBlock ramp."
         if self.training:
             self._set_dropblocks(*x.shape[-2:])
             self.num_batches_tracked.add_(1)
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
-    def forward_head(self, x, pre_logits: bool = False):
+    def forward_head(self,
+                     x,                         # the feature map of `forward_features`
+                     pre_logits: bool = False):  # return the pooled features, not the classifier's outputs
         "The pooled features of the map `x`, or the classifier's outputs on them."
         x = self.global_pool(x)
         return x if pre_logits else self.fc(x)
 
-    def forward(self, x):
+    def forward(self, x):  # images (N, C, H, W)
         "Class scores of the images `x`, or their pooled features when `num_classes` is 0."
         return self.forward_head(self.forward_features(x))
 
