@@ -71,3 +71,13 @@ def test_recipes_table_is_fsmtl_recipes():
     for r, row in zip(RECIPES, rows):
         cells = [c.strip() for c in row.strip('|').split('|')]
         assert cells[1:4] == [str(r['shots']), f"`{recipe_command(r)}`", r['paper']] and cells[4] == 'not measured yet'
+
+
+def test_citation_is_well_formed():
+    "The one BibTeX entry: balanced braces and the paper's title, authors, venue and year."
+    (entry,) = [c for lang, c in BLOCKS if lang == 'bibtex']
+    assert entry.count('{') == entry.count('}') and entry.startswith('@inproceedings{')
+    fields = dict(re.findall(r"^\s*(\w+)\s*=\s*\{(.*)\},?$", entry, re.M))
+    assert fields['title'].startswith('Bridging Multi-Task Learning and Meta-Learning')
+    assert fields['author'] == 'Wang, Haoxiang and Zhao, Han and Li, Bo' and fields['year'] == '2021'
+    assert 'International Conference on Machine Learning' in fields['booktitle']
