@@ -69,6 +69,7 @@ OPTIONS = {
 }
 ALGORITHMS = ('mtl',)
 SCHEDULERS = ('plateau', 'step', 'one_cycle')
+FINAL_SHOTS = (1, 5)
 
 # The original code's published recipes (ResNet-12, `--algorithm mtl`), each with the 5-way test accuracy (%, mean ±
 # 95% CI) the paper reports for it: `train(r['dataset'], **r['options'])` or `fsmtl train` with `recipe_command(r)`.
@@ -90,7 +91,6 @@ def recipe_command(recipe: dict,   # one of `RECIPES`, or any dict with a `datas
     opts = dict(recipe['options'], **extra)
     flags = [f'--{k}' if v is True else f'--{k} {v}' for k, v in opts.items() if v is not False]
     return ' '.join(['fsmtl train --dataset', recipe['dataset'], *flags])
-FINAL_SHOTS = (1, 5)
 
 
 @dataclass
