@@ -1,6 +1,6 @@
 "Checkpoints of a training run: the best (by `episodic_acc`) and the last, written atomically, and resuming from the last."
 from __future__ import annotations
-import os
+import io
 import random
 from pathlib import Path
 
@@ -10,34 +10,81 @@ from fastai.callback.core import Callback
 from fastai.callback.tracker import EarlyStoppingCallback, TrackerCallback
 from fastcore.basics import store_attr
 from fastcore.foundation import L
+from torch import nn
 
-__all__ = ['save_atomic', 'read_checkpoint', 'Checkpoints', 'rng_state', 'set_rng_state']
+from .files import write_atomic
+
+__all__ = ['save_atomic', 'read_checkpoint', 'load_weights', 'backbone_from_checkpoint', 'Checkpoints', 'rng_state',
+           'set_rng_state']
 
 
 def save_atomic(obj,   # what to save: a state dict, or any object `torch.save` takes
                 path   # the file to write
                 ) -> Path:
-    "`torch.save` `obj` to `path` through a temporary file in the same folder, so `path` is never left half written."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'{path.name}.{os.getpid()}.part')
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    "`torch.save` `obj` to `path` through `write_atomic`, so `path` is never left half written."
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    # serialised in memory first: a full disk then surfaces as an OSError that names the file, not a torch assertion
+    return write_atomic(path, buf.getbuffer())
 
 
-def read_checkpoint(path  # a checkpoint file, or a run folder
+_FIX = "test or resume from the run's other checkpoint (best.pth or last.pth), or train again"
+
+
+def read_checkpoint(path,                # a checkpoint file, or a run folder
+                    prefer: str = 'last'  # the file of a run folder: 'last' (to resume) or 'best' (to test)
                     ) -> dict:
-    "The checkpoint at `path` (a file, or a run folder: its `last.pth`), read with `weights_only=True`."
+    "The checkpoint at `path` (a file, or a run folder's `prefer`.pth), read with `weights_only=True`."
+    if prefer not in ('best', 'last'): raise ValueError(f"prefer is 'best' or 'last', got {prefer!r}")
     path = Path(path).expanduser()
-    if path.is_dir(): path = path / 'last.pth'
+    if path.is_dir():
+        if not (path / f'{prefer}.pth').is_file():
+            have = ', '.join(sorted(f.name for f in path.glob('*.pth'))) or 'no checkpoint'
+            raise FileNotFoundError(f"No {prefer}.pth in the run folder {path} (it holds {have})")
+        path = path / f'{prefer}.pth'
     if not path.is_file(): raise FileNotFoundError(f"No checkpoint file {path}")
+    size = path.stat().st_size
+    if size == 0: raise ValueError(f"Cannot read checkpoint {path}: the file is empty (0 bytes); {_FIX}")
+    with open(path, 'rb') as f: head = f.read(4)
+    # torch.save writes a zip archive; torch before 1.6 a pickle (protocol 2 starts with 0x80)
+    if not (head.startswith(b'PK') or head.startswith(b'\x80')):
+        raise ValueError(f"Cannot read checkpoint {path}: it is not a file torch.save wrote ({size} bytes starting "
+                         f"{head!r}); {_FIX}")
     try: return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e: raise ValueError(f"Cannot read checkpoint {path}: {e}") from e
+    except Exception as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"Cannot read checkpoint {path} ({size} bytes): {why}; {_FIX}") from e
+
+
+def load_weights(module: nn.Module,  # the model to fill
+                 state: dict,        # its state dict, as read from a file
+                 source,             # where `state` came from, for the message
+                 show: int = 4):     # differing parameters named in the message, at most
+    "`module.load_state_dict(state)`, or a `ValueError` naming the first `show` parameters that are missing, extra or of another shape."
+    own = module.state_dict()
+    diffs = [f"{k}: {tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model" for k, v in own.items()
+             if k in state and hasattr(state[k], 'shape') and state[k].shape != v.shape]
+    diffs += [f"{k}: missing from the file" for k in own if k not in state]
+    diffs += [f"{k}: not in the model" for k in state if k not in own]
+    if diffs:
+        more = f"\n  ... and {len(diffs) - show} more" if len(diffs) > show else ''
+        raise ValueError(f"the weights in {source} do not fit this {type(module).__name__} ({len(diffs)} parameters differ: "
+                         "another architecture or other arch_kwargs?):\n  " + '\n  '.join(diffs[:show]) + more)
+    module.load_state_dict(state)
+
+
+def backbone_from_checkpoint(st: dict,  # a checkpoint read by `read_checkpoint`
+                             source     # its file, for messages
+                             ) -> nn.Module:
+    "The backbone of checkpoint `st`, rebuilt from its `arch` and `arch_kwargs` with timm, its weights loaded."
+    from .models import create_backbone
+    missing = [k for k in ('arch', 'backbone') if not isinstance(st, dict) or k not in st]
+    if missing:
+        raise ValueError(f"{source} is a torch file but not an fsmtl checkpoint (it has no {' or '.join(missing)}): give "
+                         "a run's best.pth or last.pth, a saved FewShotClassifier, or a run folder")
+    backbone, _ = create_backbone(st['arch'], **(st.get('arch_kwargs') or {}))
+    load_weights(backbone, st['backbone'], source)
+    return backbone
 
 
 def rng_state() -> dict:

@@ -90,10 +90,12 @@ def _print_results(results):
 
 def _train(args):
     "Train, then print the final test results (or only test, with --test_only)."
-    from .train import train
-    out = train(**{k: v for k, v in vars(args).items() if k not in ('command', 'run')})
-    if isinstance(out, dict): _print_results(out)
-    else: print(out)
+    from .train import evaluate_checkpoint, train
+    opts = {k: v for k, v in vars(args).items() if k not in ('command', 'run')}
+    if opts.pop('test_only', False):
+        if not opts.get('load_path'): raise ValueError("--test_only tests a checkpoint: give --load_path too")
+        _print_results(evaluate_checkpoint(**opts))
+    else: print(train(**opts))
 
 
 def _test(args):
@@ -140,8 +142,9 @@ def main(argv=None):
     e.set_defaults(run=_test)
     args = p.parse_args(argv)
     try: args.run(args)
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError, FloatingPointError) as e:
-        print(f"fsmtl {args.command}: {e}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError, ImportError, FloatingPointError) as e:
+        # fastai prefixes errors raised in a callback with the callback's name and event: the user needs the cause
+        print(f"fsmtl {args.command}: {str(e).split(chr(10) + chr(9))[-1]}", file=sys.stderr)
         return 2
     return 0
 

@@ -14,6 +14,7 @@ from .data.core import FewShotSplits
 from .data.tasks import EpisodeDL
 from .features import extract_features, model_device
 from .probe import get_probe
+from .runlog import interactive
 
 __all__ = ['EvalResult', 'EvalResults', 'EpisodeScorer', 'ci95', 'episodic_accuracy', 'evaluate']
 
@@ -97,7 +98,7 @@ def episodic_accuracy(model,                     # a backbone, or a model with a
                       progress: bool = False):   # show a progress bar
     "Per-episode query accuracy of `dl`'s episodes for each shot count, all from one pass of feature extraction."
     scorer = EpisodeScorer(dl.ways, dl.per_class, dl.queries, shots, probe, group)
-    for x, _ in (progress_bar(dl, leave=False) if progress else dl): scorer.add(extract_features(model, x, chunk))
+    for x, _ in (progress_bar(dl, leave=False) if progress and interactive() else dl): scorer.add(extract_features(model, x, chunk))
     return scorer.result()
 
 

@@ -19,6 +19,7 @@ from fastcore.basics import patch
 from .callbacks import AMP, EpisodicEval, StopOnNaN, TaskAccuracy
 from .data.tasks import local_labels
 from .models import create_backbone
+from .runlog import EpochTable, interactive
 
 __all__ = ['MTLModel', 'MultiTaskLoss', 'OPTIMIZERS', 'get_opt', 'MTLLearner', 'mtl_learner', 'plateau_cbs', 'step_sched']
 
@@ -127,7 +128,10 @@ class MTLLearner(Learner):
 
     def _do_fit(self):
         from fastai.callback.core import CancelEpochException
-        for epoch in range(getattr(self, '_start_epoch', 0), self.n_epoch):
+        start = getattr(self, '_start_epoch', 0)
+        # fastprogress starts its epoch clock at update(0), which a fit resumed at a later epoch never calls
+        if start and getattr(getattr(self, 'progress', None), 'mbar', None) is not None: self.progress.mbar.update(0)
+        for epoch in range(start, self.n_epoch):
             self.epoch = epoch
             self._with_events(self._do_epoch, 'epoch', CancelEpochException)
 
@@ -224,5 +228,10 @@ def mtl_learner(dls,                          # DataLoaders from `mtl_dls`
     extra = [evals, TaskAccuracy(), StopOnNaN()]
     if precision != 'fp32': extra.append(AMP(precision))
     if channels_last: extra.append(ChannelsLast())
-    return MTLLearner(dls, model, loss_func=MultiTaskLoss(train.ways, train.per_class), opt_func=opt_func, lr=lr, wd=wd,
-                      cbs=extra + list(cbs or []), **kwargs)
+    learn = MTLLearner(dls, model, loss_func=MultiTaskLoss(train.ways, train.per_class), opt_func=opt_func, lr=lr, wd=wd,
+                       cbs=extra + list(cbs or []), **kwargs)
+    if not interactive() and hasattr(learn, 'progress'):
+        # bars redrawn into a file or a scheduler's log are noise: there, the epoch table alone
+        learn.remove_cb(learn.progress)
+        learn.add_cb(EpochTable())
+    return learn

@@ -4,18 +4,43 @@ import json
 import math
 import netrc
 import os
+import sys
 from pathlib import Path
 
-from fastai.callback.progress import CSVLogger
+from fastai.callback.core import Callback
+from fastai.callback.progress import CSVLogger, ProgressCallback
+from fastprogress.fastprogress import IN_NOTEBOOK
 
-__all__ = ['RunCSVLogger', 'tensorboard_cb', 'wandb_cb', 'wandb_mode', 'write_json']
+from .checkpoint import Checkpoints
+from .files import write_atomic
+
+__all__ = ['interactive', 'RunCSVLogger', 'EpochTable', 'tensorboard_cb', 'wandb_cb', 'wandb_mode', 'write_json']
+
+
+def interactive() -> bool:
+    "Whether output goes to a notebook or a terminal, where progress bars can redraw in place."
+    return IN_NOTEBOOK or sys.stdout.isatty()
 
 
 class RunCSVLogger(CSVLogger):
-    "fastai's `CSVLogger` that, when appending to a resumed run's file, keeps its header and first `keep` rows and adds no header."
-    def __init__(self, fname='history.csv', append=False, keep: int = 0):
+    "fastai's `CSVLogger`, writing an epoch's row only once its checkpoint is saved; a resumed run keeps its first `keep` rows."
+    order = Checkpoints.order + 1   # after the checkpoint: the history never holds an epoch the checkpoints lack
+
+    def __init__(self,
+                 fname='history.csv',  # the CSV file
+                 append=False,         # append to the file (a resumed run)
+                 keep: int = 0):       # rows of the file kept when appending: the epochs of the checkpoint resumed from
         super().__init__(fname, append)
-        self.keep = keep
+        self.keep, self.pending = keep, None
+
+    def _write_line(self, log): self.pending = log
+
+    def after_epoch(self):
+        if self.pending is not None: super()._write_line(self.pending)
+        self.pending = None
+
+    # early stopping cancels the fit before `after_epoch`; the checkpoint is written in its `after_cancel_fit` too
+    after_cancel_fit = after_epoch
 
     def before_fit(self):
         f = self.path / self.fname
@@ -25,6 +50,24 @@ class RunCSVLogger(CSVLogger):
         f.write_text(''.join(lines))
         self.file = f.open('a')
         self.old_logger, self.learn.logger = self.logger, self._write_line
+
+
+class EpochTable(Callback):
+    "The epoch table of fastai's progress bars without the bars: a header, then one line per epoch, for logs in files."
+    order = ProgressCallback.order
+
+    def before_fit(self):
+        if hasattr(self.learn, 'lr_finder') or hasattr(self.learn, 'gather_preds'): return
+        self.old_logger, self.learn.logger = self.learn.logger, self._line
+        self.widths = [max(len(n), 9) for n in self.recorder.metric_names]
+        self._print(self.recorder.metric_names)
+
+    def _line(self, log): self._print([f'{v:.6f}' if isinstance(v, float) else str(v) for v in log])
+
+    def _print(self, cells): print('  '.join(f'{c:<{w}}' for c, w in zip(cells, self.widths)).rstrip(), flush=True)
+
+    def after_fit(self):
+        if hasattr(self, 'old_logger'): self.learn.logger = self.old_logger
 
 
 def tensorboard_cb(log_dir):
@@ -61,9 +104,7 @@ def wandb_cb(run_dir, config: dict, name: str):
     return WandbCallback(log_preds=False, log_model=False)
 
 
-def write_json(obj, path):
-    "Write `obj` as indented JSON to `path` through a temporary file."
-    path = Path(path)
-    tmp = path.with_name(path.name + '.part')
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + '\n')
-    os.replace(tmp, path)
+def write_json(obj,    # what to write: dicts, lists, numbers and strings (other values as their str)
+               path):  # the file to write
+    "Write `obj` as indented JSON to `path` through `write_atomic`."
+    return write_atomic(path, json.dumps(obj, indent=2, default=str) + '\n')

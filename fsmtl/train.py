@@ -1,6 +1,7 @@
 "`train(...)`: the one-line call that builds the data and the learner, trains and tests the best checkpoint; `evaluate_checkpoint`."
 from __future__ import annotations
 import difflib
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -8,16 +9,17 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from fastai.callback.progress import ProgressCallback
 from fastai.torch_core import default_device, set_seed
 
-from .checkpoint import Checkpoints, read_checkpoint
+from .checkpoint import Checkpoints, backbone_from_checkpoint, load_weights, read_checkpoint
 from .data.block import mtl_dls
 from .data.benchmarks import get_benchmark
 from .evaluate import EvalResults, evaluate
 from .learner import get_opt, mtl_learner
-from .models import create_backbone
+from .files import RunLock
 from .probe import get_probe
-from .runlog import RunCSVLogger, tensorboard_cb, wandb_cb, write_json
+from .runlog import EpochTable, RunCSVLogger, tensorboard_cb, wandb_cb, write_json
 
 __all__ = ['OPTIONS', 'ALGORITHMS', 'SCHEDULERS', 'RECIPES', 'recipe_command', 'TrainResult', 'train', 'evaluate_checkpoint']
 
@@ -106,7 +108,8 @@ class TrainResult:
     config: dict = field(default_factory=dict)   # every option of the run
 
     def __str__(self):
-        lines = [f"best epoch {self.best_epoch} of {len(self.history)}" + (f", run in {self.run_dir}" if self.run_dir else '')]
+        head = f"best epoch {self.best_epoch} of {len(self.history)}" if self.best_epoch else "no epoch trained"
+        lines = [head + (f", run in {self.run_dir}" if self.run_dir else '')]
         for s, r in self.test.items():
             base = f"   untrained backbone: {self.untrained[s]!r}" if self.untrained and s in self.untrained else ''
             lines.append(f"{r.ways}-way {s}-shot test accuracy: {r!r} ({len(r.accs)} episodes){base}")
@@ -126,13 +129,40 @@ def _options(given: dict, base: dict | None = None) -> dict:
     return cfg
 
 
+# numeric options: name -> (the least value, what it counts); None where the option may also be None
+_LEAST = {'train_ways': 2, 'test_ways': 2, 'train_shots': 0, 'train_queries': 0, 'test_shots': 1, 'test_queries': 1,
+          'meta_batch_size': 1, 'epoch_length': 1, 'val_epoch_length': 1, 'final_test_epoch_length': 1, 'max_epochs': 0,
+          'decay_patience': 1, 'stop_patience': 1, 'seed': 0, 'size': 8, 'num_workers': 0, 'weight_decay': 0.}
+_POSITIVE = ('lr', 'test_l2', 'decay_rate')
+_TEST_OPTIONS = ('test_ways', 'test_shots', 'test_queries', 'final_test_epoch_length', 'seed', 'size', 'num_workers',
+                 'test_l2')
+
+
+def _check_numbers(cfg, names):
+    "Fail on the first numeric option of `names` out of its range, naming the option and the values it takes."
+    for k in names:
+        v = cfg[k]
+        if v is None and k in ('size', 'num_workers', 'gpu'): continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (k in _LEAST and isinstance(_LEAST[k], int) and v != int(v)):
+            raise ValueError(f"{k} must be a number, got {v!r}")
+        if k in _LEAST and v < _LEAST[k]: raise ValueError(f"{k} must be at least {_LEAST[k]}, got {v}: {OPTIONS[k][1]}")
+        if k in _POSITIVE and not v > 0: raise ValueError(f"{k} must be above 0, got {v}: {OPTIONS[k][1]}")
+
+
 def _check(cfg):
-    "Fail before any work on an unknown algorithm, scheduler, probe or optimiser, or on contradicting options."
+    "Fail before any work on an unknown algorithm, scheduler, probe or optimiser, a number out of range, or contradicting options."
     if cfg['algorithm'] not in ALGORITHMS:
         raise ValueError(f"algorithm {cfg['algorithm']!r} is not in fsmtl yet: use {', '.join(ALGORITHMS)}")
     if cfg['scheduler'] not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {cfg['scheduler']!r}: use one of {', '.join(SCHEDULERS)}")
     if cfg['fp16'] and cfg['bf16']: raise ValueError("choose fp16 or bf16, not both")
+    _check_numbers(cfg, [*_LEAST, *_POSITIVE])
+    if cfg['train_shots'] + cfg['train_queries'] < 1:
+        raise ValueError("train_shots + train_queries must be at least 1: MTL trains on the shots and queries of each class alike")
+    if cfg['epoch_length'] < cfg['meta_batch_size']:
+        raise ValueError(f"epoch_length ({cfg['epoch_length']} tasks) is less than one batch of meta_batch_size "
+                         f"({cfg['meta_batch_size']} tasks): raise epoch_length or lower meta_batch_size")
+    if cfg['decay_rate'] > 1: raise ValueError(f"decay_rate multiplies the learning rate, so it is at most 1, got {cfg['decay_rate']}")
     get_probe(cfg['test_method'], cfg['test_l2'])
     get_opt(cfg['optim'])
 
@@ -161,9 +191,9 @@ def _dls(cfg, device):
                    num_workers=cfg['num_workers'], device=device)
 
 
-def _load_weights(model, st, head: bool = True):
-    "Put a checkpoint's backbone (and head, when it fits) into `model`."
-    model.backbone.load_state_dict(st['backbone'])
+def _load_weights(model, st, source, head: bool = True):
+    "Put checkpoint `st`'s backbone (and head, when it fits) into `model`."
+    load_weights(model.backbone, st['backbone'], source)
     if head and 'head' in st and st['head'].shape == model.head.shape:
         with torch.no_grad(): model.head.copy_(st['head'])
 
@@ -176,21 +206,89 @@ def _final_test(model, splits, cfg, progress) -> EvalResults:
                     seed=cfg['seed'], progress=progress)
 
 
-def _run_dir(cfg, resume_from) -> Path:
-    if resume_from is not None: return resume_from
+def _run_dir(cfg) -> Path:
+    "The folder of a new run: `log_dir`/`run_name`, by default dataset-model-date-time."
     name = cfg['run_name'] or f"{cfg['dataset']}-{cfg['model']}-{time.strftime('%Y%m%d-%H%M%S')}"
     # absolute, because fastai's loggers put relative names under the learner's path
     return (Path(cfg['log_dir']).expanduser() / name).resolve()
 
 
 def _resume_source(cfg) -> Path:
-    "The run folder to resume: `load_path`'s, else the run in `log_dir` whose last checkpoint is newest."
+    "The run folder to resume: `load_path`'s, else `log_dir`/`run_name`, else the run in `log_dir` whose last checkpoint is newest."
     if cfg['load_path']:
         p = Path(cfg['load_path']).expanduser().resolve()
-        return p if p.is_dir() else p.parent
-    runs = sorted(Path(cfg['log_dir']).expanduser().glob('*/last.pth'), key=lambda f: f.stat().st_mtime)
-    if not runs: raise FileNotFoundError(f"resume: no run with a last.pth in {cfg['log_dir']}; pass load_path=")
-    return runs[-1].parent
+        folder = p if p.is_dir() else p.parent
+    elif cfg['run_name']: folder = _run_dir(cfg)
+    else:
+        runs = sorted(Path(cfg['log_dir']).expanduser().glob('*/last.pth'), key=lambda f: f.stat().st_mtime)
+        if not runs: raise FileNotFoundError(f"resume: no run with a last.pth in {cfg['log_dir']}; pass load_path=")
+        folder = runs[-1].parent.resolve()
+    if not (folder / 'last.pth').is_file():
+        raise FileNotFoundError(f"nothing to resume in {folder}: it holds no last.pth (a run writes one after its first "
+                                "epoch); start the run again without resume")
+    return folder
+
+
+def _configure(given: dict):
+    "The run's configuration, checked, and the last checkpoint and folder of the run it resumes (None, None for a new run)."
+    if not given.get('resume'):
+        cfg = _options(given)
+        _check(cfg)
+        return cfg, None, None
+    folder = _resume_source(_options(given))
+    resumed = read_checkpoint(folder, prefer='last')
+    cfg = _options({k: v for k, v in given.items() if k != 'resume'}, resumed['config'])
+    cfg['resume'] = True
+    _check(cfg)
+    return cfg, resumed, folder
+
+
+def _learner(cfg, device):
+    "The DataLoaders and the learner of the configuration, progress bars as asked."
+    learn = mtl_learner(_dls(cfg, device), arch=cfg['model'], pretrained=cfg['pretrained'],
+                        norm_train_features=cfg['norm_train_features'], opt=cfg['optim'], lr=cfg['lr'],
+                        wd=cfg['weight_decay'], arch_kwargs=cfg['model_kwargs'],
+                        probe=get_probe(cfg['test_method'], cfg['test_l2']),
+                        precision='fp16' if cfg['fp16'] else 'bf16' if cfg['bf16'] else 'fp32',
+                        channels_last=cfg['channels_last'])
+    if not cfg['progress']:
+        learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, (ProgressCallback, EpochTable))])
+        learn.logger = lambda *_: None   # else fastai prints each epoch's raw record
+    return learn
+
+
+def _loggers(cfg, run_dir, resumed) -> list:
+    "The run's log callbacks (CSV history, TensorBoard, wandb), its config.json written; none with `no_log`."
+    if cfg['no_log']: return []
+    write_json(_plain(cfg), run_dir / 'config.json')
+    cbs = [RunCSVLogger(run_dir / 'history.csv', append=resumed is not None, keep=resumed['epoch'] if resumed else 0)]
+    if (tb := tensorboard_cb(run_dir / 'tensorboard')) is not None: cbs.append(tb)
+    if cfg['wandb']: cbs.append(wandb_cb(run_dir, _plain(cfg), run_dir.name))
+    return cbs
+
+
+def _fit(learn, cfg, start: int, cbs):
+    "Train from epoch `start` to `max_epochs` with the configured schedule."
+    n, lr = cfg['max_epochs'], cfg['lr']
+    if start >= n: return
+    if cfg['scheduler'] == 'one_cycle': learn.fit_one_cycle(n, lr, cbs=cbs, start_epoch=start)
+    elif cfg['scheduler'] == 'step': learn.fit_step(n, lr, cfg['decay_patience'], cfg['decay_rate'], cbs=cbs, start_epoch=start)
+    else: learn.fit_plateau(n, lr, cfg['decay_patience'], 1 / cfg['decay_rate'], cfg['stop_patience'], cbs=cbs, start_epoch=start)
+
+
+def _history(learn, resumed) -> pd.DataFrame:
+    "The history of every epoch: the learner's when it trained, else (nothing left to train) the checkpoint's."
+    if hasattr(learn.recorder, 'metric_names'): return learn.recorder.history()
+    names = [n for n in (resumed or {}).get('metric_names', ['epoch'])[1:] if n != 'time']
+    return pd.DataFrame((resumed or {}).get('history', []), columns=names).rename_axis('epoch')
+
+
+def _write_results(res: TrainResult):
+    "results.json of the run: the best epoch, the time of each stage and the test accuracies."
+    summary = lambda rs, n=False: {f'{s}shot': dict(mean=r.mean, ci95=r.ci95, **({'episodes': len(r.accs)} if n else {}))
+                                   for s, r in (rs or {}).items()}
+    write_json(dict(best_epoch=res.best_epoch, seconds=res.seconds, test=summary(res.test, True),
+                    untrained=summary(res.untrained)), res.run_dir / 'results.json')
 
 
 def train(dataset: str | None = None,  # a benchmark name; None: glyphs, or a resumed run's
@@ -198,95 +296,65 @@ def train(dataset: str | None = None,  # a benchmark name; None: glyphs, or a re
           ) -> TrainResult:            # the learner, its history and the test results
     "Train a backbone by multi-task learning, then test its best checkpoint on 1- and 5-shot episodes (mean ± 95% CI)."
     given = dict(options, **({'dataset': dataset} if dataset is not None else {}))
-    if given.get('test_only'):
-        if not given.get('load_path'): raise ValueError("test_only tests a checkpoint: give load_path= too")
-        return evaluate_checkpoint(**given)
-    resumed = None
-    if given.get('resume'):
-        src = _resume_source(_options(given))
-        resumed = read_checkpoint(src / 'last.pth')
-        cfg = _options({k: v for k, v in given.items() if k != 'resume'}, resumed['config'])
-        cfg['resume'] = True
-    else: cfg = _options(given)
-    _check(cfg)
+    if given.get('test_only'): raise ValueError("test_only: call evaluate_checkpoint(load_path, ...), or fsmtl test")
+    cfg, resumed, folder = _configure(given)
+    run_dir = folder or _run_dir(cfg)
+    with RunLock(run_dir):
+        if resumed is None and (run_dir / 'last.pth').exists():
+            raise FileExistsError(f"{run_dir} already holds a run (last.pth): resume it (resume=True, --resume), or give "
+                                  "this run another run_name")
+        return _train_in(cfg, resumed, run_dir)
+
+
+def _train_in(cfg, resumed, run_dir) -> TrainResult:
+    "The run of `train`, in its locked folder: data and learner, loggers, fitting, then the final test and results."
     device = _device(cfg['gpu'])
     if resumed is None: set_seed(cfg['seed'])
     t0 = time.perf_counter()
-    dls = _dls(cfg, device)
-    learn = mtl_learner(dls, arch=cfg['model'], pretrained=cfg['pretrained'], norm_train_features=cfg['norm_train_features'],
-                        opt=cfg['optim'], lr=cfg['lr'], wd=cfg['weight_decay'], arch_kwargs=cfg['model_kwargs'],
-                        probe=get_probe(cfg['test_method'], cfg['test_l2']),
-                        precision='fp16' if cfg['fp16'] else 'bf16' if cfg['bf16'] else 'fp32',
-                        channels_last=cfg['channels_last'])
-    if not cfg['progress']:
-        learn.remove_cbs(learn.progress)
-        learn.logger = lambda *_: None   # else fastai prints each epoch's raw record
-    splits, model = dls.splits, learn.model
-    if cfg['load_path'] and resumed is None: _load_weights(model, read_checkpoint(cfg['load_path']))
-    run_dir = _run_dir(cfg, src if resumed else None)
+    learn = _learner(cfg, device)
+    splits, model = learn.dls.splits, learn.model
+    if cfg['load_path'] and resumed is None: _load_weights(model, read_checkpoint(cfg['load_path']), cfg['load_path'])
     meta = dict(arch=cfg['model'], arch_kwargs=dict(cfg['model_kwargs'] or {}), size=splits.size, mean=list(splits.mean),
                 std=list(splits.std), n_base=splits.train.n_classes, norm_train_features=cfg['norm_train_features'],
                 config=_plain(cfg))
     ckpt = Checkpoints(run_dir, meta, resume=resumed)
     learn.add_cb(ckpt)
-    cbs, wandb_run = [], None
-    if not cfg['no_log']:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(_plain(cfg), run_dir / 'config.json')
-        cbs.append(RunCSVLogger(run_dir / 'history.csv', append=resumed is not None,
-                                keep=resumed['epoch'] if resumed else 0))
-        if (tb := tensorboard_cb(run_dir / 'tensorboard')) is not None: cbs.append(tb)
-        if cfg['wandb']:
-            cbs.append(wandb_cb(run_dir, _plain(cfg), run_dir.name))
-            import wandb
-            wandb_run = wandb.run
-    untrained = _final_test(model, splits, cfg, cfg['progress']) if cfg['baseline'] and resumed is None else None
-    if resumed is not None:
-        _load_weights(model, resumed)
-        learn.create_opt()
-        learn.opt.load_state_dict(resumed['opt'])
-    start, n, lr = resumed['epoch'] if resumed else 0, cfg['max_epochs'], cfg['lr']
-    t1 = time.perf_counter()
+    cbs = _loggers(cfg, run_dir, resumed)
+    wandb_run = sys.modules['wandb'].run if cfg['wandb'] and not cfg['no_log'] else None
     try:
-        if start < n:
-            if cfg['scheduler'] == 'one_cycle': learn.fit_one_cycle(n, lr, cbs=cbs, start_epoch=start)
-            elif cfg['scheduler'] == 'step':
-                learn.fit_step(n, lr, cfg['decay_patience'], cfg['decay_rate'], cbs=cbs, start_epoch=start)
-            else:
-                learn.fit_plateau(n, lr, cfg['decay_patience'], 1 / cfg['decay_rate'], cfg['stop_patience'], cbs=cbs,
-                                  start_epoch=start)
+        untrained = _final_test(model, splits, cfg, cfg['progress']) if cfg['baseline'] and resumed is None else None
+        if resumed is not None:
+            _load_weights(model, resumed, run_dir / 'last.pth')
+            learn.create_opt()
+            learn.opt.load_state_dict(resumed['opt'])
+        t1 = time.perf_counter()
+        _fit(learn, cfg, resumed['epoch'] if resumed else 0, cbs)
         t2 = time.perf_counter()
         best = read_checkpoint(ckpt.best_path) if ckpt.best_path.exists() else None
-        if best is not None: _load_weights(model, best)
+        if best is not None: _load_weights(model, best, ckpt.best_path)
         results = _final_test(model, splits, cfg, cfg['progress'])
-        t3 = time.perf_counter()
-        history = learn.recorder.history()
-        res = TrainResult(learn, history, results, untrained, run_dir, best['epoch'] if best else None,
-                          dict(setup=t1 - t0, training=t2 - t1, test=t3 - t2), cfg)
-        if not cfg['no_log']:
-            write_json(dict(best_epoch=res.best_epoch, seconds=res.seconds,
-                            test={f'{s}shot': dict(mean=r.mean, ci95=r.ci95, episodes=len(r.accs)) for s, r in results.items()},
-                            untrained={f'{s}shot': dict(mean=r.mean, ci95=r.ci95) for s, r in (untrained or {}).items()}),
-                       run_dir / 'results.json')
-        if wandb_run is not None:
-            wandb_run.summary.update({f'test_acc_{s}shot': r.mean for s, r in results.items()})
+        res = TrainResult(learn, _history(learn, resumed), results, untrained, run_dir, best['epoch'] if best else None,
+                          dict(setup=t1 - t0, training=t2 - t1, test=time.perf_counter() - t2), cfg)
+        if not cfg['no_log']: _write_results(res)
+        if wandb_run is not None: wandb_run.summary.update({f'test_acc_{s}shot': r.mean for s, r in results.items()})
         return res
     finally:
         if wandb_run is not None: wandb_run.finish()
 
 
-def evaluate_checkpoint(load_path,                    # a checkpoint file (best.pth, last.pth) or a run folder (its best.pth)
-         **options                     # options of `OPTIONS` that change the test (dataset, root, test_* ...)
-         ) -> EvalResults:             # mean ± 95% CI of each shot count
+def evaluate_checkpoint(load_path,  # a checkpoint file (best.pth, last.pth) or a run folder (its best.pth)
+                        **options   # options of `OPTIONS` that change the test (dataset, root, test_* ...)
+                        ) -> EvalResults:  # mean ± 95% CI of each shot count
     "The final test alone: 1- and 5-shot accuracy (mean ± 95% CI) of a checkpoint's backbone on the test episodes."
     options.pop('test_only', None)
     p = Path(load_path).expanduser()
-    st = read_checkpoint(p / 'best.pth' if p.is_dir() else p)
+    st = read_checkpoint(p, prefer='best')
+    # only the test's options are checked: testing needs neither the training optimiser nor its settings
     cfg = _options(options, st.get('config'))
-    _check(cfg)
+    _check_numbers(cfg, _TEST_OPTIONS)
+    get_probe(cfg['test_method'], cfg['test_l2'])
+    backbone = backbone_from_checkpoint(st, p / 'best.pth' if p.is_dir() else p)
     splits = get_benchmark(cfg['dataset'], root=cfg['root'])
     if cfg['size'] is not None:
         for s in ('train', 'val', 'test'): splits[s].size = cfg['size']
-    backbone, _ = create_backbone(st['arch'], **st['arch_kwargs'])
-    backbone.load_state_dict(st['backbone'])
     return _final_test(backbone.to(_device(cfg['gpu'])), splits, cfg, cfg['progress'])

@@ -35,7 +35,7 @@ def column(history, name): return history[name].tolist()
 def trained(glyph_root, tmp_path_factory):
     "A short run with the untrained backbone tested on the same episodes."
     tmp = tmp_path_factory.mktemp('trained')
-    return train(**small(glyph_root, tmp, baseline=True, max_epochs=4)), tmp
+    return train(**small(glyph_root, tmp, baseline=True, max_epochs=4, epoch_length=60)), tmp
 
 
 def test_a_short_run_learns_and_keeps_its_best_checkpoint(trained, glyph_root):
@@ -94,12 +94,12 @@ def test_resume_continues_where_it_stopped(glyph_root, tmp_path, monkeypatch):
     make = T.mtl_learner
     def interrupted(*a, **kw):
         learn = make(*a, **kw)
-        learn.add_cb(Interrupt(2))
+        learn.add_cb(Interrupt(1))   # two epochs are left: a resumed run's second epoch must match too
         return learn
     monkeypatch.setattr(T, 'mtl_learner', interrupted)
     with pytest.raises(KeyboardInterrupt): train(**dict(opts, run_name='cut'))
     monkeypatch.setattr(T, 'mtl_learner', make)
-    assert read_checkpoint(tmp_path / 'runs' / 'cut' / 'last.pth')['epoch'] == 2
+    assert read_checkpoint(tmp_path / 'runs' / 'cut' / 'last.pth')['epoch'] == 1
     resumed = train(resume=True, load_path=str(tmp_path / 'runs' / 'cut'), progress=False)
     # the same three epochs as the uninterrupted run: history, learning rates and the final weights
     assert resumed.history.shape == straight.history.shape == (3, len(straight.history.columns))

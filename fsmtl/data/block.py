@@ -11,7 +11,7 @@ from fastai.vision.data import ImageBlock
 
 from .benchmarks import get_benchmark
 from .core import SPLITS, FewShotSplits
-from .tasks import EpisodeDL, TaskDL, check_task_size
+from .tasks import EpisodeDL, TaskDL, check_task_size, seeded_random
 from .transforms import lee19_tfms
 
 __all__ = ['mtl_block', 'mtl_dls', 'episode_dl']
@@ -124,4 +124,7 @@ def episode_dl(splits: FewShotSplits,      # the benchmark
     if num_workers is None: num_workers = 0 if splits[split].in_memory else None
     common = dict(after_batch=block.batch_tfms, vocab=pool.vocab, num_workers=num_workers,
                   device=default_device() if device is None else device)
-    return _episode_dl(block.datasets(splits), pool, split, ways, shots, queries, n, bs, seed, common)
+    # fastai seeds each new loader from Python's `random`: building episodes, at whatever epoch, must not move the
+    # training tasks' random stream, or a resumed run would draw other tasks than the uninterrupted one
+    with seeded_random(None):
+        return _episode_dl(block.datasets(splits), pool, split, ways, shots, queries, n, bs, seed, common)

@@ -1,6 +1,6 @@
 "The embedded benchmark: letters of several scripts rendered from the fonts that ship with matplotlib, split by script."
 from __future__ import annotations
-import json, os, unicodedata
+import json, unicodedata
 from pathlib import Path
 
 import matplotlib
@@ -10,6 +10,8 @@ from PIL import Image, ImageFilter
 from scipy.ndimage import distance_transform_edt
 from tqdm.auto import tqdm
 
+from ..files import write_atomic
+from ..runlog import interactive
 from .core import SPLITS, FewShotSplits, Split
 
 __all__ = ['glyphs']
@@ -111,7 +113,7 @@ def _render(seed, n_images, size, progress):
     res, meta = {}, {'scripts': {}, 'unicode_names': {}, 'fonts': {}, 'fonts_per_class': {},
                      'matplotlib': matplotlib.__version__}
     # fastprogress 1.1 writes to stdout even with display=False; tqdm stays quiet when disabled.
-    bar = tqdm(total=len(letters), desc='rendering glyphs', disable=not progress, leave=False)
+    bar = tqdm(total=len(letters), desc='rendering glyphs', disable=not (progress and interactive()), leave=False)
     for split in SPLITS:
         chars = [ch for ch in letters if _script(ch) in SCRIPTS[split]]
         ims, labels = [], []
@@ -148,14 +150,7 @@ def glyphs(root='~/data',      # folder that holds the `glyphs/` cache
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         res = _render(seed, n_images, size, progress)
-        # Written under a temporary name and renamed, so that an interrupted run never leaves a broken cache.
-        tmp = path.with_name(f'{path.name}.{os.getpid()}.part')
-        try:
-            with open(tmp, 'wb') as f: np.savez_compressed(f, **res)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_atomic(path, lambda f: np.savez_compressed(f, **res))
     with np.load(path, allow_pickle=False) as z:
         splits = {s: Split(np.repeat(z[f'x_{s}'][..., None], 3, -1), z[f'y_{s}'], list(z[f'c_{s}'])) for s in SPLITS}
         return FewShotSplits('glyphs', **splits, mean=tuple(z['mean'].tolist()), std=tuple(z['std'].tolist()),

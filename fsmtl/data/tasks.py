@@ -17,10 +17,10 @@ __all__ = ['TaskDL', 'EpisodeDL', 'check_task_size', 'local_labels', 'seeded_ran
 
 
 @contextmanager
-def seeded_random(seed):  # the seed of Python's `random` inside the block
+def seeded_random(seed):  # the seed of Python's `random` inside the block; None: leave it as it is
     "Seed Python's `random` (what learn2learn samples with) inside the block, and restore its state after."
     state = random.getstate()
-    random.seed(seed)
+    if seed is not None: random.seed(seed)
     try: yield
     finally: random.setstate(state)
 
