@@ -29,6 +29,7 @@ from fastai.torch_core import to_device
 from fsmtl.data.block import mtl_dls
 from fsmtl.data.core import FewShotSplits, Split
 from fsmtl.learner import MultiTaskLoss, get_opt, mtl_learner
+from fsmtl.runlog import quiet
 
 WAYS, SHOTS, QUERIES, N_BASE, LR, SEED = 5, 5, 5, 64, 1e-3, 0
 
@@ -66,7 +67,7 @@ class Bench:
         torch.manual_seed(SEED)
         self.learn = mtl_learner(dls, arch='resnet12', lr=LR, arch_kwargs=dict(channels=args.channels))
         self.learn.remove_cb(self.learn.episodic_eval)
-        if not args.progress: self.learn.remove_cb(self.learn.progress)
+        if not args.progress: quiet(self.learn)
         self.device, self.model = args.device, self.learn.model.to(args.device)
         self.init = copy.deepcopy(self.model.state_dict())
         self.loss_func, self.opt_func = MultiTaskLoss(WAYS, SHOTS + QUERIES), get_opt('radam')

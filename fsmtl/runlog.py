@@ -9,12 +9,13 @@ from pathlib import Path
 
 from fastai.callback.core import Callback
 from fastai.callback.progress import CSVLogger, ProgressCallback
+from fastcore.basics import noop
 from fastprogress.fastprogress import IN_NOTEBOOK
 
 from .checkpoint import Checkpoints
 from .files import write_atomic
 
-__all__ = ['interactive', 'RunCSVLogger', 'EpochTable', 'tensorboard_cb', 'wandb_cb', 'wandb_mode', 'write_json']
+__all__ = ['interactive', 'quiet', 'RunCSVLogger', 'EpochTable', 'tensorboard_cb', 'wandb_cb', 'wandb_mode', 'write_json']
 
 
 def interactive() -> bool:
@@ -68,6 +69,13 @@ class EpochTable(Callback):
 
     def after_fit(self):
         if hasattr(self, 'old_logger'): self.learn.logger = self.old_logger
+
+
+def quiet(learn):  # a `Learner`
+    "Remove `learn`'s progress bars or epoch table, and stop it printing each epoch's record."
+    learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, (ProgressCallback, EpochTable))])
+    learn.logger = noop
+    return learn
 
 
 def tensorboard_cb(log_dir):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from fastai.callback.progress import ProgressCallback
 from fastai.torch_core import default_device, set_seed
 
 from .checkpoint import Checkpoints, backbone_from_checkpoint, load_weights, read_checkpoint
@@ -19,7 +18,7 @@ from .evaluate import EvalResults, evaluate
 from .learner import get_opt, mtl_learner
 from .files import RunLock
 from .probe import get_probe
-from .runlog import EpochTable, RunCSVLogger, tensorboard_cb, wandb_cb, write_json
+from .runlog import RunCSVLogger, quiet, tensorboard_cb, wandb_cb, write_json
 
 __all__ = ['OPTIONS', 'ALGORITHMS', 'SCHEDULERS', 'RECIPES', 'recipe_command', 'TrainResult', 'train', 'evaluate_checkpoint']
 
@@ -251,10 +250,7 @@ def _learner(cfg, device):
                         probe=get_probe(cfg['test_method'], cfg['test_l2']),
                         precision='fp16' if cfg['fp16'] else 'bf16' if cfg['bf16'] else 'fp32',
                         channels_last=cfg['channels_last'])
-    if not cfg['progress']:
-        learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, (ProgressCallback, EpochTable))])
-        learn.logger = lambda *_: None   # else fastai prints each epoch's raw record
-    return learn
+    return learn if cfg['progress'] else quiet(learn)
 
 
 def _loggers(cfg, run_dir, resumed) -> list:

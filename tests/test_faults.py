@@ -95,7 +95,18 @@ def straight(glyph_root, tmp_path_factory):
     opts = dict(TINY, root=glyph_root, log_dir=runs)
     rc, out = finish(start(['train', *flags(**opts, run_name='straight')]))
     assert rc == 0, out[-3000:]
-    return opts, runs
+    return opts, runs, out
+
+
+def test_output_to_a_file_is_the_epoch_table(straight):
+    # a scheduler's log or `> log.txt`: the table and its lines, no progress bars redrawn into the file
+    out = straight[2]
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert '█' not in out and '\r' not in out
+    assert lines[0].split()[:4] == ['epoch', 'train_loss', 'valid_loss', 'episodic_acc']
+    epochs = [line for line in lines if line.split()[0].isdigit()]
+    assert [int(e.split()[0]) for e in epochs] == list(range(TINY['max_epochs']))
+    assert len(lines) <= 3 * TINY['max_epochs'] + 4, out
 
 
 def same_run(a, b):
@@ -112,7 +123,7 @@ def same_run(a, b):
 
 def test_kill_9_in_epoch_2_then_resume_from_the_shell_with_bars(straight):
     # rows 1 and 2: resumed under a terminal (bars drawn), it continues to the uninterrupted run's history and weights
-    opts, runs = straight
+    opts, runs, _ = straight
     p = start(['train', *flags(**opts, run_name='cut')])
     kill_when(p, lambda: rows(runs / 'cut') >= 1)
     assert read_checkpoint(runs / 'cut' / 'last.pth')['epoch'] == 1 and rows(runs / 'cut') == 1
@@ -124,7 +135,7 @@ def test_kill_9_in_epoch_2_then_resume_from_the_shell_with_bars(straight):
 
 def test_kill_9_during_the_final_test_then_resume_writes_the_results(straight):
     # row 3: nothing is left to train, so the resumed run only tests, writes results.json and exits 0
-    opts, runs = straight
+    opts, runs, _ = straight
     p = start(['train', *flags(**dict(opts, final_test_epoch_length=400), run_name='late')])
     kill_when(p, lambda: rows(runs / 'late') == TINY['max_epochs'])
     assert not (runs / 'late' / 'results.json').exists()

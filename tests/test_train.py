@@ -223,6 +223,22 @@ def test_fsmtl_test_and_train_commands(trained, glyph_root, capsys):
     assert 'unknown optimiser' in capsys.readouterr().err
     assert main(['test', '--load_path', str(tmp / 'nothing.pth')]) == 2
     assert 'No checkpoint file' in capsys.readouterr().err
+    # --test_only of fsmtl train is fsmtl test
+    assert main(['train', '--test_only', '--load_path', str(res.run_dir), '--root', str(glyph_root),
+                 '--final_test_epoch_length', '40']) == 0
+    assert f"5-way 5-shot test accuracy: {res.test[5]!r} (40 episodes)" in capsys.readouterr().out
+
+
+def test_testing_needs_no_training_optimiser(trained, glyph_root, monkeypatch, tmp_path):
+    # a run trained with torch-optimizer's adamp is tested where that package is missing
+    res, _ = trained
+    st = read_checkpoint(res.run_dir / 'best.pth')
+    st['config']['optim'] = 'adamp'
+    torch.save(st, tmp_path / 'adamp.pth')
+    def missing(name): raise ImportError(f"no {name}")
+    monkeypatch.setattr(T, 'get_opt', missing)
+    out = T.evaluate_checkpoint(tmp_path / 'adamp.pth', root=str(glyph_root), progress=False)
+    assert out[5].accs.tolist() == pytest.approx(res.test[5].accs.tolist())
 
 
 def test_wandb_mode(monkeypatch, tmp_path):
