@@ -39,7 +39,7 @@ def _data(args):
 
 
 def _predict(args):
-    "Fit a classifier on the support folder's class folders and print the label of each readable image of the query folder."
+    "Fit a classifier on the support folder's class folders; print the label of each readable query image."
     import csv
     from pathlib import Path
     from .classifier import FewShotClassifier
@@ -121,7 +121,8 @@ def main(argv=None):
     q = sub.add_parser('predict', help='classify images of new classes from a few examples of each',
                        description='Classify the images of a query folder into new classes, each given by a few example '
                                    'images, with the backbone of a checkpoint and a probe fitted on the examples. '
-                                   'Prints one line per query image: file name, label, probability.')
+                                   'Prints one line per query image: file name, label, probability; unreadable query images are '
+                                   'named on stderr and skipped.')
     _flag(q, 'checkpoint', required=True, metavar='PATH',
           help='a saved FewShotClassifier, or any checkpoint with the backbone and its arch, size, mean and std')
     _flag(q, 'support', required=True, metavar='DIR', help='a folder of class folders of example images; folder name = class')

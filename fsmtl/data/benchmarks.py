@@ -70,8 +70,9 @@ def _fetch(resources, places, download):
     folder = _place(list(places), [r.name for r in resources])
     try: return fetch(resources, folder, download)
     except DataUnavailable as e:
-        where = '; '.join(f"{d} ({who})" for d, who in places.items())
-        raise DataUnavailable(f"{e}\nThe files are used where they are, all in one of: {where}.") from None
+        where = ', '.join(f"{d} ({who})" for d, who in places.items())
+        raise DataUnavailable(f"{e}\nFiles already downloaded are used as they are, when all of them are in one of: "
+                              f"{where}.") from None
 
 
 def _extract_cifar(archive, dest):
@@ -91,7 +92,7 @@ def _extract_cifar(archive, dest):
 
 def _cifar100(root, download):
     "CIFAR-100's train and test images pooled (600 a class), as uint8 (N, 32, 32, 3), with fine labels and names."
-    places = {root / 'cifar100': "fsmtl's", root: "torchvision's CIFAR100(root)"}
+    places = {root / 'cifar100': "fsmtl's", root: "torchvision's CIFAR100(root): the archive or its cifar-100-python folder"}
     # the archive, or the folder it extracts to, from either place; an archive is extracted beside itself
     found = [d / 'cifar-100-python' for d in places if all((d / 'cifar-100-python' / m).exists() for m in _CIFAR_MEMBERS)]
     if found: extracted = found[0]

@@ -23,12 +23,9 @@ def image_files(
     "Image files under `folder`, sorted, each once; hidden ones skipped, links to folders not followed."
     # fastai's `get_image_files` walks links to folders, so a link to a parent folder is walked round ~40 times
     files = sorted(get_files(folder, extensions=image_extensions, recurse=recurse, followlinks=False))
-    seen, once = set(), []
-    for f in files:
-        if (key := _identity(f)) not in seen:
-            seen.add(key)
-            once.append(f)
-    return once
+    once = {}
+    for f in sorted(files, key=os.path.islink): once.setdefault(_identity(f), f)   # of a file and its links, the file
+    return sorted(once.values())
 
 
 def _shared(files):
