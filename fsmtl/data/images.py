@@ -20,7 +20,7 @@ def image_files(
     folder,        # a folder of images
     recurse=True,  # also the images in its sub-folders
 ) -> list:
-    "Image files under `folder`, sorted, each once; hidden ones skipped, links to folders not followed."
+    "Image files under `folder`, sorted, each once; hidden files skipped, links to folders not followed."
     # fastai's `get_image_files` walks links to folders, so a link to a parent folder is walked round ~40 times
     files = sorted(get_files(folder, extensions=image_extensions, recurse=recurse, followlinks=False))
     once = {}
@@ -41,7 +41,7 @@ def _shared(files):
 def class_images(
     dirs,  # class folders
 ) -> list:
-    "The `image_files` of each of the class folders `dirs`; a `ValueError` names any without images, or sharing one."
+    "The `image_files` of each class folder in `dirs`; refuses empty classes and images in two classes."
     files = [image_files(d) for d in dirs]
     if empty := [str(d) for d, f in zip(dirs, files) if not f]:
         raise ValueError(f"These class folders hold no images (judged by file extension; links to folders are not "
@@ -68,7 +68,7 @@ def unreadable_images(
     size=None,    # side the images will be resized to; lets a JPEG be decoded at a smaller scale
     n_workers=4,  # threads that decode at once (PIL releases the GIL while decoding)
 ) -> list:
-    "The (path, reason) of each of `files` that does not decode: not just its header, every byte of it is read."
+    "(path, reason) of each of `files` that does not decode, every byte read, not just the header."
     files = list(files)
     errors = parallel(_decode_error, files, size=size, n_workers=min(n_workers, len(files)), threadpool=True, progress=False)
     return [(f, e) for f, e in zip(files, errors) if e is not None]
@@ -78,7 +78,7 @@ def check_images(
     files,      # image file paths
     size=None,  # side the images will be resized to
 ):
-    "Decode every one of `files`; a `ValueError` names each that does not, with its reason and the fix."
+    "Decode all of `files`; a `ValueError` names each bad one, with its reason and the fix."
     bad = [f"{f} ({why})" for f, why in unreadable_images(files, size)]
     if not bad: return
     more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ''
