@@ -12,17 +12,9 @@ from .data.core import _decode
 from .features import extract_features, feature_model, model_device
 from .probe import get_probe
 
-__all__ = ['FewShotClassifier', 'image_batch', 'image_files', 'IMAGE_EXTENSIONS', 'CHECKPOINT_KEYS']
+__all__ = ['FewShotClassifier', 'image_batch', 'CHECKPOINT_KEYS']
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 CHECKPOINT_KEYS = ('arch', 'arch_kwargs', 'backbone', 'size', 'mean', 'std')   # what `from_checkpoint` needs
-
-
-def image_files(folder  # a folder of images
-                ) -> list:
-    "The image files directly in `folder` (judged by extension, hidden files skipped), sorted by name."
-    return sorted(f for f in Path(folder).iterdir()
-                  if f.is_file() and not f.name.startswith('.') and f.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def _items(images) -> list:

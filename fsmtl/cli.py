@@ -39,24 +39,28 @@ def _data(args):
 
 
 def _predict(args):
-    "Fit a classifier on the support folder's class folders and print the label of each image of the query folder."
+    "Fit a classifier on the support folder's class folders; print the label of each readable query image."
     import csv
     from pathlib import Path
-    from .classifier import IMAGE_EXTENSIONS, FewShotClassifier, image_files
+    from .classifier import FewShotClassifier
     from .data.benchmarks import _class_dirs
+    from .data.images import check_images, class_images, image_files, unreadable_images
     support, query = Path(args.support).expanduser(), Path(args.query).expanduser()
     for d in (support, query):
         if not d.is_dir(): raise FileNotFoundError(f"No folder {d}")
-    exts = f"(judged by extension: {' '.join(IMAGE_EXTENSIONS)})"
     dirs = _class_dirs(support)
     if len(dirs) < 2:
         raise ValueError(f"{support} has {len(dirs)} class folder(s): give one folder of example images per class, two at least")
-    files = [image_files(d) for d in dirs]
-    if empty := [str(d) for d, f in zip(dirs, files) if not f]:
-        raise ValueError(f"These class folders hold no images {exts}: {', '.join(empty)}")
-    queries = image_files(query)
-    if not queries: raise ValueError(f"{query} holds no images {exts}: put the images to classify directly in it")
+    files = class_images(dirs)   # a class's examples are the images under its folder, as in a folder benchmark
+    queries = image_files(query, recurse=False)
+    if not queries: raise ValueError(f"{query} holds no images (judged by file extension): put the images to classify "
+                                     "directly in it")
     clf = FewShotClassifier.from_checkpoint(args.checkpoint, probe=args.probe)
+    check_images(sum(files, []), clf.size)   # every bad example named at once, since the probe needs them all
+    bad = dict(unreadable_images(queries, clf.size))
+    for q, why in bad.items(): print(f"fsmtl predict: skipped {q}: cannot read it ({why})", file=sys.stderr)
+    if not (queries := [q for q in queries if q not in bad]):
+        raise ValueError(f"none of the {len(bad)} images in {query} could be read (each is named above): replace them")
     clf.fit(sum(files, []), [d.name for d, f in zip(dirs, files) for _ in f])
     rows = [(q.name, label, f'{p:.4f}') for q, label, p in zip(queries, *clf.predict(queries))]
     for r in rows: print('\t'.join(r))
@@ -119,7 +123,8 @@ def main(argv=None):
     q = sub.add_parser('predict', help='classify images of new classes from a few examples of each',
                        description='Classify the images of a query folder into new classes, each given by a few example '
                                    'images, with the backbone of a checkpoint and a probe fitted on the examples. '
-                                   'Prints one line per query image: file name, label, probability.')
+                                   'Prints one line per query image: file name, label, probability; unreadable query images are '
+                                   'named on stderr and skipped.')
     _flag(q, 'checkpoint', required=True, metavar='PATH',
           help='a saved FewShotClassifier, or any checkpoint with the backbone and its arch, size, mean and std')
     _flag(q, 'support', required=True, metavar='DIR', help='a folder of class folders of example images; folder name = class')

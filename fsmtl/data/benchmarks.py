@@ -9,12 +9,11 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from fastai.data.transforms import get_image_files
 from fastai.vision.core import imagenet_stats
-from PIL import Image
 
 from .core import SPLITS, FewShotSplits, Split
-from .download import DataError, Resource, fetch, safe_load_pickle
+from .download import DataError, DataUnavailable, Resource, fetch, safe_load_pickle
+from .images import check_images, class_images
 from .splits import CIFARFS, FC100, MINI_IMAGENET, TIERED_IMAGENET_CLASSES
 
 __all__ = ['get_benchmark', 'folder_benchmark', 'BENCHMARKS', 'CIFAR100', 'MINI_IMAGENET_FILES', 'TIERED_IMAGENET_FILES']
@@ -61,6 +60,21 @@ def _fields(obj, keys, path, fix):
     raise DataError(f"{path} is not the expected data file: it has no {', '.join(missing)}. {fix}")
 
 
+def _place(folders, names):
+    "The one of `folders` holding the most of the files `names`, the first on a tie: where they are read or downloaded."
+    return max(folders, key=lambda d: sum((d / n).exists() for n in names))
+
+
+def _fetch(resources, places, download):
+    "Paths of `resources`, all from the one of `places` (folder: whose layout) that holds the most of them."
+    folder = _place(list(places), [r.name for r in resources])
+    try: return fetch(resources, folder, download)
+    except DataUnavailable as e:
+        where = ', '.join(f"{d} ({who})" for d, who in places.items())
+        raise DataUnavailable(f"{e}\nFiles already downloaded are used as they are, when all of them are in one of: "
+                              f"{where}.") from None
+
+
 def _extract_cifar(archive, dest):
     "Extract the three pickles of the CIFAR-100 `archive` into `dest`; through a temporary folder, so never half-extracted."
     fix = _redownload(archive, CIFAR100.urls[0])
@@ -78,10 +92,14 @@ def _extract_cifar(archive, dest):
 
 def _cifar100(root, download):
     "CIFAR-100's train and test images pooled (600 a class), as uint8 (N, 32, 32, 3), with fine labels and names."
-    folder = root / 'cifar100'
-    extracted = folder / 'cifar-100-python'
-    if not all((extracted / m).exists() for m in _CIFAR_MEMBERS):
-        _extract_cifar(fetch([CIFAR100], folder, download)[0], extracted)
+    places = {root / 'cifar100': "fsmtl's", root: "torchvision's CIFAR100(root): the archive or its cifar-100-python folder"}
+    # the archive, or the folder it extracts to, from either place; an archive is extracted beside itself
+    found = [d / 'cifar-100-python' for d in places if all((d / 'cifar-100-python' / m).exists() for m in _CIFAR_MEMBERS)]
+    if found: extracted = found[0]
+    else:
+        archive = _fetch([CIFAR100], places, download)[0]
+        extracted = archive.parent / 'cifar-100-python'
+        _extract_cifar(archive, extracted)
     fix = f"Delete the folder {extracted} and run again to extract it afresh from {CIFAR100.name}."
     data, labels = [], []
     for m in ('train', 'test'):
@@ -152,10 +170,10 @@ def _mini_split(path, res, wnids):
 
 def _mini_imagenet(root, download):
     "mini-ImageNet (Ravi & Larochelle 2017): 64/16/20 ImageNet classes, 600 84x84 images each, from learn2learn's pickles."
-    folder = root / 'mini-imagenet'
-    paths = fetch([MINI_IMAGENET_FILES[s] for s in SPLITS], folder, download)
+    places = {root / 'mini-imagenet': "fsmtl's", root: "learn2learn's MiniImagenet(root)"}
+    paths = _fetch([MINI_IMAGENET_FILES[s] for s in SPLITS], places, download)
     splits = [_mini_split(p, MINI_IMAGENET_FILES[s], MINI_IMAGENET[s]) for p, s in zip(paths, SPLITS)]
-    return FewShotSplits('mini-imagenet', *splits, **_MINI_STATS, meta={'source': str(folder)})
+    return FewShotSplits('mini-imagenet', *splits, **_MINI_STATS, meta={'source': str(paths[0].parent)})
 
 
 def _tiered_labels(path, split, url):
@@ -172,8 +190,8 @@ def _tiered_labels(path, split, url):
 
 def _tiered_imagenet(root, download):
     "tiered-ImageNet (Ren et al. 2018): 351/97/160 ImageNet classes in 34 categories, 84x84 PNGs decoded when loaded."
-    folder = root / 'tiered-imagenet'
-    paths = fetch([r for s in SPLITS for r in TIERED_IMAGENET_FILES[s]], folder, download)
+    places = {root / 'tiered-imagenet': "fsmtl's and learn2learn's TieredImagenet(root)"}
+    paths = _fetch([r for s in SPLITS for r in TIERED_IMAGENET_FILES[s]], places, download)
     images_paths, labels_paths = paths[0::2], paths[1::2]
     # all the small label files are checked before the first of the large image files is read
     labels = [_tiered_labels(p, s, TIERED_IMAGENET_FILES[s][1].urls[0]) for p, s in zip(labels_paths, SPLITS)]
@@ -184,7 +202,7 @@ def _tiered_imagenet(root, download):
         if not (isinstance(images, list) and len(images) == len(y)):
             raise DataError(f"{path} should hold a list of {len(y)} PNG-encoded images, one per label. {fix}")
         splits.append(Split(images, y, names))
-    return FewShotSplits('tiered-imagenet', *splits, **_MINI_STATS, meta={'source': str(folder)})
+    return FewShotSplits('tiered-imagenet', *splits, **_MINI_STATS, meta={'source': str(paths[0].parent)})
 
 
 def _class_dirs(path): return sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith('.'))
@@ -203,18 +221,8 @@ def _split_classes(dirs, ratios, seed):
     return [sorted(dirs[i] for i in part) for part in parts]
 
 
-def _unreadable(files):
-    "The files of `files` that PIL cannot read, each with the reason."
-    bad = []
-    for f in files:
-        try:
-            with Image.open(f) as im: im.verify()
-        except Exception as e: bad.append(f"{f} ({e})")
-    return bad
-
-
 def folder_benchmark(
-    path,                     # a folder of class folders, or of train/, val/ and test/ folders of class folders
+    path,                     # a folder of class folders (a class: the images under it, links to folders not followed)
     ratios=(0.6, 0.2, 0.2),   # shares of the classes for train, val and test when `path` holds the class folders
     seed=0,                   # seed of the draw of classes into splits
     size=84,                  # side the images are resized to when loaded; None keeps their own size
@@ -237,12 +245,10 @@ def folder_benchmark(
         if len(dirs) < 3:
             raise ValueError(f"{path} has {len(dirs)} class folder(s); few-shot splits need at least 3 (one per split)")
         per_split = _split_classes(dirs, ratios, seed)
-    files = [[sorted(get_image_files(d)) for d in ds] for ds in per_split]  # per split, per class
-    if empty := [str(d) for ds, fs in zip(per_split, files) for d, f in zip(ds, fs) if not f]:
-        raise ValueError(f"These class folders hold no images (judged by file extension): {', '.join(empty)}")
-    if bad := _unreadable(f for fs in files for class_files in fs for f in class_files):
-        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ''
-        raise ValueError(f"{len(bad)} image(s) cannot be read; remove or replace them:\n  " + '\n  '.join(bad[:20]) + more)
+    per_class = iter(class_images(sum(per_split, [])))   # all splits at once: no image may be in two classes
+    files = [[next(per_class) for _ in ds] for ds in per_split]
+    # decoded now, as training decodes them, so that a bad file stops the run here and not in a loader worker
+    check_images([f for fs in files for class_files in fs for f in class_files], size)
     splits = [Split(sum(fs, []), np.repeat(np.arange(len(fs)), [len(f) for f in fs]), [d.name for d in ds], size=size)
               for ds, fs in zip(per_split, files)]
     return FewShotSplits(path.name, *splits, mean=tuple(imagenet_stats[0]), std=tuple(imagenet_stats[1]),

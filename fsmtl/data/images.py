@@ -1,0 +1,85 @@
+"Image files of a folder, each once and never through a link to a folder; and a check that each one decodes."
+from __future__ import annotations
+import os
+
+from fastai.data.transforms import get_files, image_extensions
+from fastcore.parallel import parallel
+from PIL import Image
+
+__all__ = ['image_files', 'class_images', 'unreadable_images', 'check_images']
+
+
+def _identity(path):
+    "What makes two paths the same file (a link and its target, two hard links); a dangling link is only itself."
+    try: st = os.stat(path)
+    except OSError: return path
+    return st.st_dev, st.st_ino
+
+
+def image_files(
+    folder,        # a folder of images
+    recurse=True,  # also the images in its sub-folders
+) -> list:
+    "Image files under `folder`, sorted, each once; hidden files skipped, links to folders not followed."
+    # fastai's `get_image_files` walks links to folders, so a link to a parent folder is walked round ~40 times
+    files = sorted(get_files(folder, extensions=image_extensions, recurse=recurse, followlinks=False))
+    once = {}
+    for f in sorted(files, key=os.path.islink): once.setdefault(_identity(f), f)   # of a file and its links, the file
+    return sorted(once.values())
+
+
+def _shared(files):
+    "Pairs of paths in different classes of `files` (per class, paths) that are one file: a link and its target."
+    owner, pairs = {}, []
+    for c, class_files in enumerate(files):
+        for f in class_files:
+            other = owner.setdefault(_identity(f), (c, f))
+            if other[0] != c: pairs.append(f"{other[1]} and {f}")
+    return pairs
+
+
+def class_images(
+    dirs,  # class folders
+) -> list:
+    "The `image_files` of each class folder in `dirs`; refuses empty classes and images in two classes."
+    files = [image_files(d) for d in dirs]
+    if empty := [str(d) for d, f in zip(dirs, files) if not f]:
+        raise ValueError(f"These class folders hold no images (judged by file extension; links to folders are not "
+                         f"followed): {', '.join(empty)}")
+    if shared := _shared(files):
+        raise ValueError(f"{len(shared)} image(s) are in two classes at once, through links; an image belongs to one "
+                         "class: remove one path of each pair:\n  " + '\n  '.join(shared[:20]))
+    return files
+
+
+def _decode_error(path, size):
+    "Why the image at `path` cannot be decoded as training decodes it, or None when it can."
+    try:
+        with Image.open(path) as im:
+            # a JPEG is decoded at the smallest scale that still covers `size`: every byte is still read, less is computed
+            if size: im.draft('RGB', (size, size))
+            im.convert('RGB')
+    except Exception as e: return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    return None
+
+
+def unreadable_images(
+    files,        # image file paths
+    size=None,    # side the images will be resized to; lets a JPEG be decoded at a smaller scale
+    n_workers=4,  # threads that decode at once (PIL releases the GIL while decoding)
+) -> list:
+    "(path, reason) of each of `files` that does not decode, every byte read, not just the header."
+    files = list(files)
+    errors = parallel(_decode_error, files, size=size, n_workers=min(n_workers, len(files)), threadpool=True, progress=False)
+    return [(f, e) for f, e in zip(files, errors) if e is not None]
+
+
+def check_images(
+    files,      # image file paths
+    size=None,  # side the images will be resized to
+):
+    "Decode all of `files`; a `ValueError` names each bad one, with its reason and the fix."
+    bad = [f"{f} ({why})" for f, why in unreadable_images(files, size)]
+    if not bad: return
+    more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ''
+    raise ValueError(f"{len(bad)} image(s) cannot be read; remove or replace them:\n  " + '\n  '.join(bad[:20]) + more)
