@@ -30,7 +30,7 @@ train: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/loader.py
 	$(PY) bench/probe.py
-	$(PY) bench/test_memory.py
+	$(PY) bench/eval_memory.py
 	$(PY) bench/train_step.py
 
 clean:

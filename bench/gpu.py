@@ -20,21 +20,16 @@ import argparse
 import sys
 import time
 
-import numpy as np
 import torch
 from fastai.callback.core import Callback
 
+from _common import sync, synthetic_splits
 from fsmtl.data.block import mtl_dls
-from fsmtl.data.core import FewShotSplits, Split
 from fsmtl.learner import mtl_learner
 
 WAYS, SHOTS, QUERIES, N_BASE, SEED = 5, 5, 5, 64, 0
 GPU_DEFAULTS = dict(steps=200, warmup=10, size=84, channels='64,160,320,640', rounds=2)
 CPU_SMOKE = dict(steps=3, warmup=1, size=32, channels='8,16,16,32', rounds=1)
-
-
-def sync(device):
-    if torch.device(device).type == 'cuda': torch.cuda.synchronize(device)
 
 
 class StepTimer(Callback):
@@ -53,16 +48,6 @@ class StepTimer(Callback):
     def after_train(self):
         sync(self.dls.device)
         if self.start is not None: self.seconds, self.batches = time.perf_counter() - self.start, self.n_iter - self.warmup
-
-
-def synthetic_splits(size, per_class, seed=0):
-    "Random uint8 images: `N_BASE` base classes of `per_class` images, and 5 validation and 5 test classes of 20."
-    rng = np.random.default_rng(seed)
-    def split(n, k, tag):
-        labels = np.repeat(np.arange(n), k)
-        return Split(rng.integers(0, 256, (len(labels), size, size, 3), dtype=np.uint8), labels, [f"{tag}{c}" for c in range(n)])
-    return FewShotSplits('synthetic', split(N_BASE, per_class, 'b'), split(5, 20, 'v'), split(5, 20, 't'),
-                         mean=(0.47, 0.45, 0.41), std=(0.28, 0.27, 0.28))
 
 
 def learner(dls, channels, **kwargs):
@@ -117,7 +102,7 @@ def main():
     if min(args.steps, args.warmup, args.rounds) < 1: p.error("--steps, --warmup and --rounds must be at least 1")
 
     n = args.warmup + args.steps
-    dls = mtl_dls(synthetic_splits(args.size, args.per_class), train_ways=WAYS, train_shots=SHOTS, train_queries=QUERIES,
+    dls = mtl_dls(synthetic_splits(args.size, N_BASE, args.per_class), train_ways=WAYS, train_shots=SHOTS, train_queries=QUERIES,
                   meta_batch_size=args.tasks, epoch_length=args.tasks * n, val_episodes=2, test_episodes=1, device=device)
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, torch threads {torch.get_num_threads()}'
     print(f"{name}; torch {torch.__version__}; ResNet-12 {channels}, {args.size}px, batches of "

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 
+from _common import sync
 from fsmtl.features import extract_features
 from fsmtl.probe import LogisticProbe, SklearnProbe
 
@@ -64,10 +65,6 @@ def episode_features(args):
     episodes = torch.from_numpy(episodes)
     if args.save_features: torch.save(dict(feats=feats, episodes=episodes, what=what), args.save_features)
     return feats[episodes].view(len(episodes), WAYS, SHOTS + QUERIES, -1), what
-
-
-def sync(device):
-    if torch.device(device).type == 'cuda': torch.cuda.synchronize()
 
 
 def timed(fn, device, runs=1):

@@ -21,13 +21,12 @@ import argparse
 import copy
 import time
 
-import numpy as np
 import torch
 from fastai.data.core import DataLoaders
 from fastai.torch_core import to_device
 
+from _common import sync, synthetic_splits
 from fsmtl.data.block import mtl_dls
-from fsmtl.data.core import FewShotSplits, Split
 from fsmtl.learner import MultiTaskLoss, get_opt, mtl_learner
 from fsmtl.runlog import quiet
 
@@ -44,23 +43,10 @@ class CachedBatches(list):
         return self
 
 
-def synthetic_splits(size, n_base=N_BASE, per_class=20, seed=0):
-    "Random uint8 images: `n_base` base classes of `per_class` images, and 5 validation and 5 test classes."
-    rng = np.random.default_rng(seed)
-    def split(n, tag):
-        labels = np.repeat(np.arange(n), per_class)
-        return Split(rng.integers(0, 256, (len(labels), size, size, 3), dtype=np.uint8), labels, [f"{tag}{c}" for c in range(n)])
-    return FewShotSplits('synthetic', split(n_base, 'b'), split(5, 'v'), split(5, 't'), mean=(0.5,) * 3, std=(0.25,) * 3)
-
-
-def sync(device):
-    if torch.device(device).type == 'cuda': torch.cuda.synchronize()
-
-
 class Bench:
     "One model trained by fastai's `fit` or by the hand loop, each run from the same initial weights and random state."
     def __init__(self, args):
-        dls = mtl_dls(synthetic_splits(args.size), train_ways=WAYS, train_shots=SHOTS, train_queries=QUERIES,
+        dls = mtl_dls(synthetic_splits(args.size, N_BASE, 20, novel_per_class=20), train_ways=WAYS, train_shots=SHOTS, train_queries=QUERIES,
                       meta_batch_size=args.tasks, epoch_length=args.tasks * max(args.batches, 3), val_episodes=1,
                       test_episodes=1, device='cpu')
         self.batches = list(dls.train)   # drawn once, on the CPU, then moved to the device

@@ -5,7 +5,6 @@ import math
 import netrc
 import os
 import sys
-from pathlib import Path
 
 from fastai.callback.core import Callback
 from fastai.callback.progress import CSVLogger, ProgressCallback

@@ -16,7 +16,7 @@ process's peak then varies by some 20% (here 284 to 365 MiB over the baseline fo
 move the ratio between 1.15 and 1.38 from run to run. `--glibc-default` measures that way, each setting `--repeats`
 times (default 2 there), interleaved, its lowest peak counting. The peak up to the end of the first batch is shown
 too: it is the same either way.
-Run: `python bench/test_memory.py [--device cpu|cuda] [--episodes N] [--glibc-default] [--repeats N]`.
+Run: `python bench/eval_memory.py [--device cpu|cuda] [--episodes N] [--glibc-default] [--repeats N]`.
 """
 import argparse
 import json
