@@ -87,7 +87,7 @@ def test_folder_truncated_jpeg(tmp_path):
     # `train` stops on it before anything is trained or written
     runs = tmp_path / 'runs'
     with pytest.raises(ValueError, match='cannot be read') as e:
-        train('folder', root=root, log_dir=runs, max_epochs=1, epoch_length=1, progress=False)
+        train('folder', root=root, log_dir=runs, max_epochs=1, epoch_length=1, meta_batch_size=1, progress=False)
     assert str(bad) in str(e.value) and not runs.exists()
     # every bad image is named, not only the first
     truncate(root / 'c0' / 'im1.jpg')

@@ -195,6 +195,8 @@ def test_original_recipes_reach_data_loading(recipe, monkeypatch, tmp_path):
 def test_every_flag_parses_with_underscores_and_hyphens(monkeypatch):
     got = []
     monkeypatch.setattr(T, 'train', lambda **kw: got.append(kw) or 'done')
+    # --test_only is among the flags: the command then tests the checkpoint instead of training
+    monkeypatch.setattr(T, 'evaluate_checkpoint', lambda **kw: got.append(kw) or {})
     values = {bool: [], int: ['3'], float: ['0.5'], str: ['x']}
     for hyphens in (False, True):
         argv = ['train']
@@ -207,7 +209,7 @@ def test_every_flag_parses_with_underscores_and_hyphens(monkeypatch):
             else: argv += [flag] + values[type(default) if default is not None else str]
         assert main(argv) == 0
     a, b = got
-    assert a == b and set(a) == set(OPTIONS) - {'progress'}
+    assert a == b and set(a) == set(OPTIONS) - {'progress', 'test_only'}
     assert a['model_kwargs'] == {'channels': [8, 16, 16, 32]} and a['pretrained'] == '/w.pth' and a['fp16'] is True
     assert a['lr'] == 0.5 and a['max_epochs'] == 3 and a['gpu'] == 3 and a['dataset'] == 'x'
 
