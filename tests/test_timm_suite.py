@@ -1,4 +1,4 @@
-"timm's own model tests (tests/test_models.py of timm's source package, fetched by `make`) on fsmtl's 'resnet12'."
+"timm's own model tests (tests/test_models.py of its source package, fetched by `make`) on 'resnet12'."
 import os
 import subprocess
 import sys
@@ -21,7 +21,7 @@ WANT = {'test_model_forward[1-resnet12]', 'test_model_backward[2-resnet12]', 'te
 
 
 def outcomes(junit: Path) -> dict:
-    "Each test case of a JUnit XML report: 'passed', or the tag of what befell it (failure, error, skipped)."
+    "Each test of a JUnit XML report: 'passed', or 'failure', 'error' or 'skipped'."
     return {case.get('name'): next((c.tag for c in case if c.tag in ('failure', 'error', 'skipped')), 'passed')
             for case in ET.parse(junit).iter('testcase')}
 
@@ -31,12 +31,14 @@ def test_timm_model_suite(tmp_path):
     if not SUITE.is_file():
         pytest.fail(f"timm's tests are not in {SUITE.parent}: `make {SUITE.relative_to(ROOT)}` fetches them "
                     f"(pip download --no-deps --no-binary :all: timm=={timm.__version__}, unpacked in .cache/)")
-    env = {**os.environ, 'OMP_NUM_THREADS': '1',   # one thread: timm's tests on a busy 2-core machine take half the time
+    # one thread: timm's tests on a busy 2-core machine take half the time
+    env = {**os.environ, 'OMP_NUM_THREADS': '1',
            'PYTHONPATH': os.pathsep.join([str(ROOT), str(ROOT / 'tests'), os.environ.get('PYTHONPATH', '')])}
     junit = tmp_path / 'timm.xml'
     # timm's own pytest configuration (its markers) from its folder, nothing imported from there but the test file
-    run = subprocess.run([sys.executable, '-m', 'pytest', 'tests/test_models.py', '-k', 'resnet12', '-p', 'timm_suite_plugin',
-                          '-p', 'no:cacheprovider', '--import-mode=importlib', f'--junitxml={junit}', '-q'],
+    run = subprocess.run([sys.executable, '-m', 'pytest', 'tests/test_models.py', '-k', 'resnet12', '-q',
+                          '-p', 'timm_suite_plugin', '-p', 'no:cacheprovider', '--import-mode=importlib',
+                          f'--junitxml={junit}'],
                          cwd=SUITE.parents[1], env=env, capture_output=True, text=True)
     assert junit.is_file(), run.stdout[-3000:] + run.stderr[-3000:]
     got = outcomes(junit)

@@ -1,4 +1,4 @@
-"pytest plugin for timm's own tests/test_models.py: registers fsmtl's 'resnet12', and adds it to timm's feature tests."
+"pytest plugin for timm's tests/test_models.py: registers 'resnet12' and adds it to timm's feature tests."
 import functools
 
 import pytest
@@ -12,9 +12,9 @@ FEATURE_TESTS = ('test_model_forward_intermediates', 'test_model_forward_interme
 
 @pytest.hookimpl(wrapper=True)
 def pytest_pycollect_makeitem(collector, name, obj):
-    "timm's items, and for the tests of `FEATURE_TESTS` one more, on 'resnet12'."
+    "timm's items, and for each test of `FEATURE_TESTS` one more, on 'resnet12' with a batch of 1."
     items = yield
-    if name not in FEATURE_TESTS or not collector.name == 'test_models.py': return items
-    args = ('resnet12', 1) if 'batch_size' in obj.__code__.co_varnames[:obj.__code__.co_argcount] else ('resnet12',)
-    ids = '-'.join(map(str, reversed(args)))
-    return [*(items or []), pytest.Function.from_parent(collector, name=f'{name}[{ids}]', callobj=functools.partial(obj, *args))]
+    if name not in FEATURE_TESTS or collector.name != 'test_models.py': return items
+    test = functools.partial(obj, 'resnet12', 1)   # (model_name, batch_size)
+    ours = pytest.Function.from_parent(collector, name=f'{name}[1-resnet12]', callobj=test)
+    return [*(items or []), ours]

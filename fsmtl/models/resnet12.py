@@ -51,7 +51,7 @@ class Dropout(nn.Dropout):
 
 @register_notrace_module   # a leaf for timm's FX tracing: its rate and block size are Python numbers of the input
 class RampDropBlock(DropBlock2d):
-    "timm's `DropBlock2d` per channel, its rate on a ramp of the model's passes and its seed rate scaled to the map."
+    "timm's `DropBlock2d` per channel, its rate ramped over the model's passes, its seed rate scaled to the map."
     block_fixed: Optional[int]   # typed for TorchScript, which cannot infer it from a None
 
     def __init__(self,
@@ -81,6 +81,17 @@ class RampDropBlock(DropBlock2d):
                              self.scale_by_keep)
 
 
+@register_notrace_module   # a leaf for timm's FX tracing, so that tracing does not count a pass itself
+class PassCounter(nn.Module):
+    "Counts the model's training passes; a module, so that FX graphs keep it though nothing uses its output."
+    _is_impure = True   # FX's dead-code elimination keeps impure calls
+
+    def forward(self, count: Tensor) -> Tensor:  # the model's counter, changed in place
+        "`count`, one more after a training pass."
+        if self.training: count.add_(1)
+        return count
+
+
 class Block(nn.Module):
     "Three 3x3 conv-BN-LeakyReLU with a 1x1 conv-BN shortcut, then a 2x2 max-pool; names as in RFS and learn2learn."
     def __init__(self, cin: int, cout: int, device=None, dtype=None):
@@ -100,7 +111,7 @@ class Block(nn.Module):
 
 
 class Stage(nn.Sequential):
-    "A `Block` then its dropout or DropBlock, which is given the model's pass counter; weights named `layerN.0.`."
+    "A `Block`, then its dropout or DropBlock, which is given the model's pass counter."
     def forward(self, x: Tensor, count: Optional[Tensor] = None) -> Tensor:  # images or map; passes so far
         "The stage's output map."
         return self[1](self[0](x), count)
@@ -128,11 +139,14 @@ class ResNet12(nn.Module):
         self.num_features = channels[-1]
         widths = (in_chans, *channels)
         for i in range(4):
-            drop = Dropout(drop_rate) if i < 2 else RampDropBlock(drop_rate, dropblock_ramp, 2 ** (i + 1), dropblock_size)
+            stride = 2 ** (i + 1)
+            drop = Dropout(drop_rate) if i < 2 else RampDropBlock(drop_rate, dropblock_ramp, stride, dropblock_size)
             setattr(self, f'layer{i + 1}', Stage(Block(widths[i], widths[i + 1], **dd), drop))
-        self.feature_info = [dict(num_chs=c, reduction=2 ** (i + 1), module=f'layer{i + 1}') for i, c in enumerate(channels)]
+        self.feature_info = [dict(num_chs=c, reduction=2 ** (i + 1), module=f'layer{i + 1}')
+                             for i, c in enumerate(channels)]
         # saved with the weights, so that a resumed run carries on the ramp where it stopped
         self.register_buffer('num_batches_tracked', torch.tensor(0, dtype=torch.long, device=device))
+        self.pass_counter = PassCounter()
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()   # twice as wide for 'catavgmax'
         for m in self.modules():
@@ -154,7 +168,7 @@ class ResNet12(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):  # recompute the blocks in the backward pass to save memory
-        "Recompute each stage's `Block` (not its dropout, whose rate follows the counter) in the backward pass."
+        "Recompute each stage's `Block` (not its dropout) in the backward pass."
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
@@ -164,7 +178,7 @@ class ResNet12(nn.Module):
 
     def reset_classifier(self,
                          num_classes: int,                # outputs of the new head; 0 for none
-                         global_pool: str | None = None):  # timm's pooling name, '' for none; None keeps the current one
+                         global_pool: str | None = None):  # timm's pooling name, '' none; None: the current one
         "A new head of `num_classes` outputs (0: none), keeping the pooling unless `global_pool` is given."
         self.num_classes = num_classes
         pool = self.global_pool.pool_type if global_pool is None else global_pool
@@ -175,16 +189,12 @@ class ResNet12(nn.Module):
 
     @torch.jit.ignore
     def _stages(self, x: Tensor, last: int = 3) -> List[Tensor]:  # images; index of the last stage to run
-        "The output maps of stages 0 to `last`, each `Block` recomputed in the backward pass if grad checkpointing."
+        "The output maps of stages 0 to `last`, checkpointing each `Block` if asked."
         count, maps = self.num_batches_tracked, []
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4)[:last + 1]:
             x = stage[1](checkpoint(stage[0], x) if self.grad_checkpointing else stage[0](x), count)
             maps.append(x)
         return maps
-
-    def _count(self):
-        "A training pass is over: the counter of the DropBlock ramp moves on."
-        if self.training: self.num_batches_tracked.add_(1)
 
     def forward_features(self, x):  # images (N, C, H, W)
         "The feature map of the last stage, (N, 640, H/16, W/16); a training pass also advances the DropBlock ramp."
@@ -192,22 +202,22 @@ class ResNet12(nn.Module):
         else:
             count = self.num_batches_tracked
             x = self.layer4(self.layer3(self.layer2(self.layer1(x, count), count), count), count)
-        self._count()
+        self.pass_counter(self.num_batches_tracked)
         return x
 
     def forward_intermediates(self,
                               x: Tensor,                                    # images (N, C, H, W)
-                              indices: Optional[Union[int, List[int]]] = None,  # stages to return: None all, n the last n
+                              indices: Optional[Union[int, List[int]]] = None,  # stages: None all, n the last n
                               norm: bool = False,                           # unused: ResNet-12 has no final norm
                               stop_early: bool = False,                     # run no stage past the last one returned
                               output_fmt: str = 'NCHW',                     # only NCHW
                               intermediates_only: bool = False              # return the stage maps only
                               ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:  # (last map, stage maps)
-        "The output maps of the stages in `indices` (timm's `feature_take_indices`), after the final map unless `intermediates_only`."
+        "The maps of the stages in `indices`, after the final map unless `intermediates_only`."
         if output_fmt != 'NCHW': raise ValueError(f"ResNet-12 gives NCHW maps only, not {output_fmt!r}")
         take, last = feature_take_indices(len(self.feature_info), indices)
         maps = self._stages(x, last if stop_early else 3)
-        self._count()
+        self.pass_counter(self.num_batches_tracked)
         intermediates = [maps[i] for i in take]
         return intermediates if intermediates_only else (maps[-1], intermediates)
 
