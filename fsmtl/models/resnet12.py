@@ -58,8 +58,7 @@ class RampDropBlock(DropBlock2d):
                  drop_rate: float,                 # the rate at the end of the ramp
                  ramp: int,                        # training passes over which the rate grows from 0
                  stride: int,                      # of the map this drops on, relative to the image
-                 block_size: Optional[int] = None,  # None: 5 for images of 64 px or more, else 2
-                 device=None, dtype=None):          # unused (no weights), accepted like timm's layers
+                 block_size: Optional[int] = None):  # None: 5 for images of 64 px or more, else 2
         # blocks drawn for each channel apart, as RFS and MetaOptNet draw them (timm's default shares them)
         super().__init__(0., block_size or 5, couple_channels=False)
         self.drop_rate, self.ramp, self.stride, self.block_fixed = drop_rate, ramp, stride, block_size
