@@ -12,7 +12,15 @@ $(STAMP): settings.ini setup.py tools/install.sh
 
 install: $(STAMP)
 
-pytest: $(STAMP)
+# timm's own model tests, from the source package of the pinned timm, for tests/test_timm_suite.py; fetched once
+TIMM := $(shell sed -n 's/.*timm==\([0-9.]*\).*/\1/p' settings.ini)
+TIMM_TESTS := .cache/timm-$(TIMM)/tests/test_models.py
+$(TIMM_TESTS): | $(STAMP)
+	$(PY) -m pip download -q --no-deps --no-binary :all: timm==$(TIMM) -d .cache
+	tar -xzf .cache/timm-$(TIMM).tar.gz -C .cache
+	touch $@
+
+pytest: $(STAMP) $(TIMM_TESTS)
 	$(PY) -m pytest -q tests
 
 nbtest: $(STAMP)

@@ -1,3 +1,5 @@
+import copy
+
 import learn2learn as l2l
 import pytest
 import timm
@@ -25,17 +27,38 @@ def small(seed=0, **kw):
     return m
 
 
-def reference(sd, x):
-    "ResNet-12 written out in torch.nn.functional, eval mode, from the weights `sd`."
+def reference_maps(sd, x):
+    "The four stage maps of ResNet-12 in torch.nn.functional, eval mode, from the weights `sd`."
     def conv_bn(h, conv, bn, pad):
         h = F.conv2d(h, sd[f'{conv}.weight'], padding=pad)
         return F.batch_norm(h, sd[f'{bn}.running_mean'], sd[f'{bn}.running_var'], sd[f'{bn}.weight'], sd[f'{bn}.bias'])
+    maps = []
     for i in range(1, 5):
         p = f'layer{i}.0.'
         out = F.leaky_relu(conv_bn(x, p + 'conv1', p + 'bn1', 1), 0.1)
         out = F.leaky_relu(conv_bn(out, p + 'conv2', p + 'bn2', 1), 0.1)
         out = conv_bn(out, p + 'conv3', p + 'bn3', 1) + conv_bn(x, p + 'downsample.0', p + 'downsample.1', 0)
         x = F.max_pool2d(F.leaky_relu(out, 0.1), 2)
+        maps.append(x)
+    return maps
+
+
+def reference(sd, x):
+    "ResNet-12's pooled features, from `reference_maps`."
+    return F.adaptive_avg_pool2d(reference_maps(sd, x)[-1], 1).flatten(1)
+
+
+def hand_set_pass(m, x, count, rate, ramp):
+    "A training pass of `m`'s blocks with timm's plain `DropBlock2d`, set by hand as RFS sets its DropBlock."
+    size, p = x.shape[-1], rate * min(1., count / ramp)     # square images; the ramp
+    block = 5 if size >= 64 else 2                          # RFS's block size for the image size
+    for i, stage in enumerate((m.layer1, m.layer2, m.layer3, m.layer4)):
+        x = stage[0](x)
+        if i < 2: x = F.dropout(x, rate, training=True)
+        else:
+            side = size // 2 ** (i + 1)   # the map of stage i
+            scale = dropblock_gamma_scale(side, side, block)
+            x = timm.layers.DropBlock2d(p, block, gamma_scale=scale, couple_channels=False)(x)
     return F.adaptive_avg_pool2d(x, 1).flatten(1)
 
 
@@ -228,3 +251,89 @@ def test_classifier_round_trip(tmp_path):
     images = torch.rand(5, 3, 32, 32)
     assert isinstance(back.backbone, ResNet12) and back.arch_kwargs == {'channels': SMALL}
     torch.testing.assert_close(back.features(images), clf.features(images), rtol=0, atol=0)
+
+
+def test_state_dict_names_are_learn2learns():
+    "Old checkpoints still load: learn2learn's names and shapes, the ramp's counter and timm's `fc`."
+    torch.manual_seed(0)
+    theirs = l2l.vision.models.ResNet12(output_size=5).state_dict()
+    want = {k.removeprefix('features.').replace('classifier.', 'fc.'): v.shape for k, v in theirs.items()}
+    ours = timm.create_model('resnet12', num_classes=5).state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {**want, 'num_batches_tracked': torch.Size([])}
+
+
+@pytest.mark.parametrize('size,checkpointing', [(40, False), (84, False), (84, True)])
+def test_training_passes_match_timm_dropblock_set_by_hand(size, checkpointing):
+    m = small(drop_rate=0.3, dropblock_ramp=3)
+    ref = copy.deepcopy(m)
+    m.set_grad_checkpointing(checkpointing)
+    x = torch.randn(4, 3, size, size)
+    for count in range(5):   # along the ramp of 3 passes, then past it
+        torch.manual_seed(count)
+        got = m(x)
+        torch.manual_seed(count)
+        want = hand_set_pass(ref, x, count, 0.3, 3)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        got.square().sum().backward(), want.square().sum().backward()
+    assert m.num_batches_tracked.item() == 5
+    for (name, p), q in zip(m.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+@pytest.mark.parametrize('coarse', [True, False])
+def test_group_matcher_gives_stages_then_head(coarse):
+    m = small()
+    m.reset_classifier(5)
+    matcher = m.group_matcher(coarse=coarse)
+    groups = timm.models.group_parameters(m, matcher)
+    names = [n for n, _ in m.named_parameters()]
+    want = [[n for n in names if n.startswith(pre)] for pre in ('layer1.', 'layer2.', 'layer3.', 'layer4.', 'fc.')]
+    assert list(matcher) == ['stem', 'blocks'] and [sorted(g) for g in groups.values()] == [sorted(w) for w in want]
+
+
+def test_intermediates_and_features_only_match_reference():
+    m = small().eval()
+    x = torch.randn(2, 3, 40, 40)
+    maps = reference_maps(m.state_dict(), x)
+    with torch.no_grad():
+        final, inter = m.forward_intermediates(x)
+        torch.testing.assert_close(final, maps[-1])
+        for got, want in zip(inter, maps, strict=True): torch.testing.assert_close(got, want)
+        for indices, want in (([1, 3], [1, 3]), (2, [2, 3]), ([-4], [0])):
+            got = m.forward_intermediates(x, indices=indices, intermediates_only=True, stop_early=True)
+            assert len(got) == len(want) and all(torch.allclose(g, maps[i]) for g, i in zip(got, want))
+    feats = timm.create_model('resnet12', features_only=True, channels=SMALL, out_indices=(1, 2)).eval()
+    assert feats.feature_info.channels() == [8, 8] and feats.feature_info.reduction() == [4, 8]
+    # the stages after the last index and the head are pruned: their weights are no longer there
+    loaded = feats.model.load_state_dict(m.state_dict(), strict=False)
+    assert not loaded.missing_keys and loaded.unexpected_keys
+    assert all(k.startswith('layer4.0.') for k in loaded.unexpected_keys)
+    with torch.no_grad(): got = feats(x)
+    torch.testing.assert_close(got, maps[1:3])
+
+
+def test_torchscript_matches_reference_and_ramp():
+    m = small(drop_rate=0.3, dropblock_ramp=3)
+    scripted, ref = torch.jit.script(copy.deepcopy(m)), copy.deepcopy(m)
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad(): torch.testing.assert_close(scripted.eval()(x), reference(m.state_dict(), x))
+    scripted.train()
+    for count in range(4):
+        torch.manual_seed(count)
+        got = scripted(x)
+        torch.manual_seed(count)
+        torch.testing.assert_close(got, hand_set_pass(ref, x, count, 0.3, 3), rtol=0, atol=0)
+    assert scripted.num_batches_tracked.item() == 4
+
+
+def test_fx_graph_counts_training_passes():
+    from torchvision.models.feature_extraction import create_feature_extractor
+    m = small(drop_rate=0.3, dropblock_ramp=3).train()
+    # timm's leaves: the DropBlocks, whose rate and block size are Python numbers, and the pass counter
+    leaves = dict(leaf_modules=timm.models.get_notrace_modules(),
+                  autowrap_functions=timm.models.get_notrace_functions())
+    fx = create_feature_extractor(m, return_nodes={'layer3.1': 'map3'}, tracer_kwargs=leaves)
+    assert m.num_batches_tracked.item() == 0   # tracing is not a pass
+    x = torch.randn(2, 3, 40, 40)
+    for _ in range(2): fx(x)
+    assert m.num_batches_tracked.item() == 2

@@ -1,10 +1,13 @@
 "ResNet-12 of the few-shot papers (RFS, MetaOptNet), with timm's DropBlock on a ramp; registered with timm as 'resnet12'."
-from __future__ import annotations
+from typing import List, Optional, Tuple, Union
 
 import torch
 from timm.layers import DropBlock2d, create_classifier, get_device_dtype
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from torch import nn
+from timm.layers.drop import drop_block_2d
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model, register_notrace_module
+from timm.models._features import feature_take_indices   # what timm's own models import
+from torch import Tensor, nn
+from torch.nn import functional as F
 
 __all__ = ['ResNet12', 'resnet12', 'dropblock_gamma_scale', 'MINI_IMAGENET_MEAN', 'MINI_IMAGENET_STD']
 
@@ -14,27 +17,89 @@ MINI_IMAGENET_STD = tuple(v / 255 for v in (70.68188272, 68.27635443, 72.5450552
 
 def dropblock_gamma_scale(height: int,  # of the feature map
                           width: int,   # of the feature map
-                          block: int):  # DropBlock's block size
+                          block: int    # DropBlock's block size
+                          ) -> float:   # the scale of timm's seed rate
     "The `gamma_scale` that makes timm's `DropBlock2d` drop about `drop_prob` of a map, as RFS's DropBlock does."
     # timm seeds blocks anywhere on the map, clipped at its edges, at RFS's rate, which counts only the seeds whose
     # whole block fits: on a 5x5 map with blocks of 5 it would drop ~76% of the activations instead of 10%.
-    # Scaled, seeds times the pixels each covers is `drop_prob` of the map again.
+    # Scaled, seeds times the pixels each covers is `drop_prob` of the map again. Loops, not sums of generators,
+    # so that TorchScript compiles it.
     scale = 1.
-    for size in (height, width):
+    for size in [height, width]:
         k = min(block, size)
-        covered = sum(size - abs(d) for d in range(-(k // 2), k - k // 2))   # (seed, pixel) pairs along this axis
+        covered = 0   # (seed, pixel) pairs along this axis
+        for d in range(-(k // 2), k - k // 2): covered += size - abs(d)
         scale *= k * (size - k + 1) / covered
     return scale
 
 
+def ramp_rate(rate: float,    # the final rate
+              ramp: int,      # passes over which the rate grows from 0; 0 or less: no ramp
+              count: Tensor   # passes so far
+              ) -> float:     # the rate of the next pass
+    "`rate` scaled by the share of the `ramp` that `count` passes have covered."
+    if ramp <= 0: return rate
+    return rate * min(1., float(count) / ramp)
+
+
+class Dropout(nn.Dropout):
+    "`nn.Dropout` that takes, and ignores, the pass counter that the DropBlocks of a `Stage` need."
+    def forward(self, x: Tensor, count: Optional[Tensor] = None) -> Tensor:  # feature map; passes so far (unused)
+        "`x` with activations zeroed at rate `p` in training."
+        return F.dropout(x, self.p, self.training, self.inplace)
+
+
+@register_notrace_module   # a leaf for timm's FX tracing: its rate and block size are Python numbers of the input
+class RampDropBlock(DropBlock2d):
+    "timm's `DropBlock2d` per channel, its rate ramped over the model's passes, its seed rate scaled to the map."
+    block_fixed: Optional[int]   # typed for TorchScript, which cannot infer it from a None
+
+    def __init__(self,
+                 drop_rate: float,                 # the rate at the end of the ramp
+                 ramp: int,                        # training passes over which the rate grows from 0
+                 stride: int,                      # of the map this drops on, relative to the image
+                 block_size: Optional[int] = None):  # None: 5 for images of 64 px or more, else 2
+        # blocks drawn for each channel apart, as RFS and MetaOptNet draw them (timm's default shares them)
+        super().__init__(0., block_size or 5, couple_channels=False)
+        self.drop_rate, self.ramp, self.stride, self.block_fixed = drop_rate, ramp, stride, block_size
+
+    def forward(self,
+                x: Tensor,                       # feature map (N, C, H, W)
+                count: Optional[Tensor] = None):  # the model's training passes so far; None: the full rate
+        "`x` with blocks dropped in training, at the rate the ramp has reached after `count` passes."
+        if not self.training: return x
+        h, w = x.shape[-2], x.shape[-1]
+        # the map is `stride` times smaller than the image, so `min(h, w) * stride >= 64` is RFS's image-size rule
+        fixed = self.block_fixed   # a local, which TorchScript can narrow from Optional
+        block = fixed if fixed is not None else (5 if min(h, w) >= 64 // self.stride else 2)
+        rate = self.drop_rate if count is None else ramp_rate(self.drop_rate, self.ramp, count)
+        # kept on the layer, as timm's `DropBlock2d` keeps them, to show what the last pass used
+        self.drop_prob, self.block_size, self.gamma_scale = rate, block, dropblock_gamma_scale(h, w, block)
+        if rate == 0.: return x
+        return drop_block_2d(x, rate, block, self.gamma_scale, self.with_noise, self.inplace, self.couple_channels,
+                             self.scale_by_keep)
+
+
+@register_notrace_module   # a leaf for timm's FX tracing, so that tracing does not count a pass itself
+class PassCounter(nn.Module):
+    "Counts the model's training passes; a module, so that FX graphs keep it though nothing uses its output."
+    _is_impure = True   # FX's dead-code elimination keeps impure calls
+
+    def forward(self, count: Tensor) -> Tensor:  # the model's counter, changed in place
+        "`count`, one more after a training pass."
+        if self.training: count.add_(1)
+        return count
+
+
 class Block(nn.Module):
     "Three 3x3 conv-BN-LeakyReLU with a 1x1 conv-BN shortcut, then a 2x2 max-pool; names as in RFS and learn2learn."
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, cin: int, cout: int, device=None, dtype=None):
         super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout)
-        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout)
-        self.conv3, self.bn3 = nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout)
-        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        dd = dict(device=device, dtype=dtype)
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False, **dd), nn.BatchNorm2d(cout, **dd)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False, **dd), nn.BatchNorm2d(cout, **dd)
+        self.conv3, self.bn3 = nn.Conv2d(cout, cout, 3, padding=1, bias=False, **dd), nn.BatchNorm2d(cout, **dd)
+        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False, **dd), nn.BatchNorm2d(cout, **dd))
         self.relu, self.maxpool = nn.LeakyReLU(0.1), nn.MaxPool2d(2)
 
     def forward(self, x):
@@ -44,8 +109,17 @@ class Block(nn.Module):
         return self.maxpool(self.relu(out))
 
 
+class Stage(nn.Sequential):
+    "A `Block`, then its dropout or DropBlock, which is given the model's pass counter."
+    def forward(self, x: Tensor, count: Optional[Tensor] = None) -> Tensor:  # images or map; passes so far
+        "The stage's output map."
+        return self[1](self[0](x), count)
+
+
 class ResNet12(nn.Module):
     "ResNet-12: four residual stages, dropout after the first two and DropBlock after the last two, then global pooling."
+    __jit_unused_properties__ = ['drop_prob']   # Python-side only, TorchScript need not compile it
+
     def __init__(self,
                  num_classes: int = 1000,            # classifier outputs; 0: `forward` gives the pooled features
                  in_chans: int = 3,                  # channels of the input images
@@ -53,20 +127,27 @@ class ResNet12(nn.Module):
                  drop_rate: float = 0.1,             # dropout of stages 1-2 and final DropBlock rate of stages 3-4
                  dropblock_size: int | None = None,  # DropBlock's block size; None: 5 for inputs of 64 px or more, else 2
                  dropblock_ramp: int = 40000,        # training passes over which DropBlock's rate grows from 0
-                 global_pool: str = 'avg'):          # timm's pooling type
+                 global_pool: str = 'avg',           # timm's pooling type
+                 device=None,                        # where to create the weights (timm's factory passes it)
+                 dtype=None):                        # their dtype
         super().__init__()
         if len(channels) != 4: raise ValueError(f"channels must give the widths of 4 stages, got {tuple(channels)}")
+        dd = dict(device=device, dtype=dtype)
         self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
-        self.dropblock_size, self.dropblock_ramp = dropblock_size, dropblock_ramp
-        self.num_features = self.head_hidden_size = channels[-1]
+        self.dropblock_size, self.dropblock_ramp, self.grad_checkpointing = dropblock_size, dropblock_ramp, False
+        self.num_features = channels[-1]
         widths = (in_chans, *channels)
         for i in range(4):
-            # blocks drawn for each channel apart, as RFS and MetaOptNet draw them (timm's default shares them)
-            drop = nn.Dropout(drop_rate) if i < 2 else DropBlock2d(0., dropblock_size or 5, couple_channels=False)
-            setattr(self, f'layer{i + 1}', nn.Sequential(Block(widths[i], widths[i + 1]), drop))
+            stride = 2 ** (i + 1)
+            drop = Dropout(drop_rate) if i < 2 else RampDropBlock(drop_rate, dropblock_ramp, stride, dropblock_size)
+            setattr(self, f'layer{i + 1}', Stage(Block(widths[i], widths[i + 1], **dd), drop))
+        self.feature_info = [dict(num_chs=c, reduction=2 ** (i + 1), module=f'layer{i + 1}')
+                             for i, c in enumerate(channels)]
         # saved with the weights, so that a resumed run carries on the ramp where it stopped
-        self.register_buffer('num_batches_tracked', torch.tensor(0, dtype=torch.long))
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self.register_buffer('num_batches_tracked', torch.tensor(0, dtype=torch.long, device=device))
+        self.pass_counter = PassCounter()
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()   # twice as wide for 'catavgmax'
         for m in self.modules():
             if isinstance(m, nn.Conv2d): nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='leaky_relu')
             elif isinstance(m, nn.BatchNorm2d):
@@ -76,34 +157,80 @@ class ResNet12(nn.Module):
     @property
     def drop_prob(self) -> float:
         "DropBlock's rate for the next training pass: 0 at first, rising linearly to `drop_rate` over `dropblock_ramp` passes."
-        if self.dropblock_ramp <= 0: return self.drop_rate
-        return self.drop_rate * min(1., self.num_batches_tracked.item() / self.dropblock_ramp)
+        return ramp_rate(self.drop_rate, self.dropblock_ramp, self.num_batches_tracked)
 
-    def _set_dropblocks(self, h: int, w: int):
-        "Rate, block size and seed scale of the DropBlocks for an `h` x `w` input; stages 3 and 4 see it 8 and 16 times smaller."
-        block, p = self.dropblock_size or (5 if min(h, w) >= 64 else 2), self.drop_prob
-        for drop, stride in ((self.layer3[1], 8), (self.layer4[1], 16)):
-            drop.drop_prob, drop.block_size = p, block
-            drop.gamma_scale = dropblock_gamma_scale(max(1, h // stride), max(1, w // stride), block)
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):  # timm's flag for stages (True) or blocks; one block a stage here
+        "timm's parameter groups: stages 1 (as `stem`), 2, 3, 4, then the unmatched classifier last."
+        # ResNet-12 has no stem: its first stage reads the images, as the stem of timm's ResNets does
+        return dict(stem=r'^layer1\.', blocks=r'^layer(\d+)\.')
 
-    def get_classifier(self) -> nn.Module:
-        "The classifier head (`nn.Identity` when `num_classes` is 0)."
-        return self.fc
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):  # recompute the blocks in the backward pass to save memory
+        "Recompute each stage's `Block` (not its dropout) in the backward pass."
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False):  # the name 'fc', not the module
+        "The classifier head (`nn.Identity` when `num_classes` is 0), or its name."
+        return 'fc' if name_only else self.fc
 
     def reset_classifier(self,
                          num_classes: int,                # outputs of the new head; 0 for none
-                         global_pool: str | None = None):  # timm's pooling name; None keeps the current one
+                         global_pool: str | None = None):  # timm's pooling name, '' none; None: the current one
         "A new head of `num_classes` outputs (0: none), keeping the pooling unless `global_pool` is given."
         self.num_classes = num_classes
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, **get_device_dtype(self),
-                                                      pool_type=global_pool or self.global_pool.pool_type)
+        pool = self.global_pool.pool_type if global_pool is None else global_pool
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=pool,
+                                                      **get_device_dtype(self))
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.global_pool.train(self.training), self.fc.train(self.training)   # new modules, in the model's mode
+
+    @torch.jit.ignore
+    def _stages(self, x: Tensor, last: int = 3) -> List[Tensor]:  # images; index of the last stage to run
+        "The output maps of stages 0 to `last`, checkpointing each `Block` if asked."
+        count, maps = self.num_batches_tracked, []
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4)[:last + 1]:
+            x = stage[1](checkpoint(stage[0], x) if self.grad_checkpointing else stage[0](x), count)
+            maps.append(x)
+        return maps
 
     def forward_features(self, x):  # images (N, C, H, W)
         "The feature map of the last stage, (N, 640, H/16, W/16); a training pass also advances the DropBlock ramp."
-        if self.training:
-            self._set_dropblocks(*x.shape[-2:])
-            self.num_batches_tracked.add_(1)
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        if self.grad_checkpointing and not torch.jit.is_scripting(): x = self._stages(x)[-1]
+        else:
+            count = self.num_batches_tracked
+            x = self.layer4(self.layer3(self.layer2(self.layer1(x, count), count), count), count)
+        self.pass_counter(self.num_batches_tracked)
+        return x
+
+    def forward_intermediates(self,
+                              x: Tensor,                                    # images (N, C, H, W)
+                              indices: Optional[Union[int, List[int]]] = None,  # stages: None all, n the last n
+                              norm: bool = False,                           # unused: ResNet-12 has no final norm
+                              stop_early: bool = False,                     # run no stage past the last one returned
+                              output_fmt: str = 'NCHW',                     # only NCHW
+                              intermediates_only: bool = False              # return the stage maps only
+                              ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:  # (last map, stage maps)
+        "The maps of the stages in `indices`, after the final map unless `intermediates_only`."
+        if output_fmt != 'NCHW': raise ValueError(f"ResNet-12 gives NCHW maps only, not {output_fmt!r}")
+        take, last = feature_take_indices(len(self.feature_info), indices)
+        maps = self._stages(x, last if stop_early else 3)
+        self.pass_counter(self.num_batches_tracked)
+        intermediates = [maps[i] for i in take]
+        return intermediates if intermediates_only else (maps[-1], intermediates)
+
+    def prune_intermediate_layers(self,
+                                  indices: Union[int, List[int]] = 1,  # stages to keep, as in `forward_intermediates`
+                                  prune_norm: bool = False,           # unused: ResNet-12 has no final norm
+                                  prune_head: bool = True):           # remove the pooling and classifier too
+        "Replace the stages after the last of `indices` by pass-throughs; the kept indices."
+        take, last = feature_take_indices(len(self.feature_info), indices)
+        for i in range(last + 1, 4):   # a pass-through that takes the counter like a stage
+            setattr(self, f'layer{i + 1}', Stage(nn.Identity(), Dropout(0.)))
+        if last < 3: self.num_features = self.feature_info[last]['num_chs']
+        if prune_head or last < 3: self.reset_classifier(0, '')
+        return take
 
     def forward_head(self,
                      x,                         # the feature map of `forward_features`
@@ -128,9 +255,9 @@ def checkpoint_filter_fn(state_dict: dict, model: ResNet12) -> dict:
 
 
 default_cfgs = generate_default_cfgs({'resnet12': dict(
-    url='', num_classes=1000, input_size=(3, 84, 84), pool_size=(5, 5), crop_pct=1., interpolation='bilinear',
-    mean=MINI_IMAGENET_MEAN, std=MINI_IMAGENET_STD, first_conv=('layer1.0.conv1', 'layer1.0.downsample.0'),
-    classifier='fc')})
+    url='', num_classes=1000, input_size=(3, 84, 84), pool_size=(5, 5), min_input_size=(3, 16, 16), crop_pct=1.,
+    interpolation='bilinear', mean=MINI_IMAGENET_MEAN, std=MINI_IMAGENET_STD,
+    first_conv=('layer1.0.conv1', 'layer1.0.downsample.0'), classifier='fc')})
 
 
 @register_model
@@ -138,4 +265,7 @@ def resnet12(pretrained: bool = False,  # load the file given by `pretrained_cfg
              **kwargs                 # passed to `ResNet12` (channels, drop_rate ...) and timm's `build_model_with_cfg`
              ) -> ResNet12:           # the backbone, with a classifier when `num_classes` > 0
     "ResNet-12 of widths 64-160-320-640 (MetaOptNet, RFS); no hub weights exist, pass a file by `pretrained_cfg_overlay`."
-    return build_model_with_cfg(ResNet12, 'resnet12', pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    # `features_only` goes through `forward_intermediates`, which keeps the DropBlock ramp; 4 stages, no stem
+    feature_cfg = dict(feature_cls='getter', out_indices=(0, 1, 2, 3), **kwargs.pop('feature_cfg', {}))
+    return build_model_with_cfg(ResNet12, 'resnet12', pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=feature_cfg, **kwargs)
