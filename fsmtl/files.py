@@ -39,6 +39,7 @@ class RunLock:
         self.path, self.file = self.folder / '.lock', None
 
     def __enter__(self):
+        self.created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         f = open(self.path, 'a+')
         # an flock dies with its process, even under kill -9: a lock file left behind never blocks a later run
@@ -57,6 +58,10 @@ class RunLock:
         return self
 
     def __exit__(self, *exc):
+        # a run that failed before writing anything leaves no folder behind
+        if self.created and [p.name for p in self.folder.iterdir()] == [self.path.name]:
+            self.path.unlink()
+            self.folder.rmdir()
         fcntl.flock(self.file, fcntl.LOCK_UN)
         self.file.close()
         self.file = None

@@ -88,7 +88,7 @@ def test_folder_truncated_jpeg(tmp_path):
     runs = tmp_path / 'runs'
     with pytest.raises(ValueError, match='cannot be read') as e:
         train('folder', root=root, log_dir=runs, max_epochs=1, epoch_length=1, meta_batch_size=1, progress=False)
-    assert str(bad) in str(e.value) and not runs.exists()
+    assert str(bad) in str(e.value) and not (runs.exists() and any(runs.iterdir()))   # no run folder left behind
     # every bad image is named, not only the first
     truncate(root / 'c0' / 'im1.jpg')
     with pytest.raises(ValueError, match='2 image') as e: get_benchmark('folder', root=root)
