@@ -113,6 +113,9 @@ class TaskAccuracy(Callback):
     "Report `task_acc`: the accuracy of the epoch's training batches, each task scored over its own classes."
     order = Recorder.order - 1
 
+    # a value before any training epoch: `summary` and `get_preds` log metrics without one
+    def __init__(self): self.value = float('nan')
+
     def before_fit(self):
         if 'task_acc' not in self.learn.metrics.attrgot('name'):
             self.learn.metrics = self.learn.metrics + [ValueMetric(lambda: self.value, 'task_acc')]
