@@ -1,5 +1,6 @@
 "`train(...)`: the one-line call that builds the data and the learner, trains and tests the best checkpoint; `evaluate_checkpoint`."
 from __future__ import annotations
+import dataclasses
 import difflib
 import time
 import warnings
@@ -16,6 +17,7 @@ from .data.benchmarks import get_benchmark
 from .evaluate import EvalResults, evaluate
 from .learner import get_opt, mtl_learner
 from .models import create_backbone
+from .pretrained import FrozenEpochs
 from .probe import get_probe
 from .runlog import RunCSVLogger, tensorboard_cb, wandb_cb, write_json
 
@@ -30,7 +32,8 @@ OPTIONS = {
     'algorithm': ('mtl', 'training algorithm: mtl'),
     'model': ('resnet12', 'backbone: resnet12 or any timm architecture name'),
     'model_kwargs': (None, 'keyword arguments of the architecture (timm.create_model), a dict'),
-    'pretrained': (False, 'True: timm hub weights; a path: a local weights file'),
+    'pretrained': (False, 'True: timm hub weights; a path: a local weights file. Images then get the model\'s size, mean and std'),
+    'freeze_epochs': (0, 'train only the head (backbone frozen, as fastai\'s freeze) for this many first epochs'),
     'gpu': (None, 'CUDA device number; None: the GPU when there is one; without CUDA training falls back to the CPU'),
     'seed': (0, 'seeds the initialisation and the training tasks, and fixes the validation and test episodes'),
     'norm_train_features': (False, 'L2-normalise features before the head in training'),
@@ -153,11 +156,13 @@ def _plain(cfg: dict) -> dict:
 
 
 def _dls(cfg, device):
+    # a pretrained model's size is served by resizing batches on the device (mtl_learner); folders of mixed sizes load at `size`
+    size = None if cfg['pretrained'] and cfg['dataset'] != 'folder' else cfg['size']
     return mtl_dls(cfg['dataset'], root=cfg['root'], train_ways=cfg['train_ways'], train_shots=cfg['train_shots'],
                    train_queries=cfg['train_queries'], meta_batch_size=cfg['meta_batch_size'],
                    epoch_length=cfg['epoch_length'], test_ways=cfg['test_ways'], test_shots=cfg['test_shots'],
                    test_queries=cfg['test_queries'], val_episodes=cfg['val_epoch_length'],
-                   test_episodes=cfg['final_test_epoch_length'], size=cfg['size'], seed=cfg['seed'],
+                   test_episodes=cfg['final_test_epoch_length'], size=size, seed=cfg['seed'],
                    num_workers=cfg['num_workers'], device=device)
 
 
@@ -217,7 +222,8 @@ def train(dataset: str | None = None,  # a benchmark name; None: glyphs, or a re
                         opt=cfg['optim'], lr=cfg['lr'], wd=cfg['weight_decay'], arch_kwargs=cfg['model_kwargs'],
                         probe=get_probe(cfg['test_method'], cfg['test_l2']),
                         precision='fp16' if cfg['fp16'] else 'bf16' if cfg['bf16'] else 'fp32',
-                        channels_last=cfg['channels_last'])
+                        channels_last=cfg['channels_last'], size=cfg['size'] if cfg['pretrained'] else None)
+    if cfg['freeze_epochs']: learn.add_cb(FrozenEpochs(cfg['freeze_epochs']))
     if not cfg['progress']:
         learn.remove_cbs(learn.progress)
         learn.logger = lambda *_: None   # else fastai prints each epoch's raw record
@@ -225,7 +231,7 @@ def train(dataset: str | None = None,  # a benchmark name; None: glyphs, or a re
     if cfg['load_path'] and resumed is None: _load_weights(model, read_checkpoint(cfg['load_path']))
     run_dir = _run_dir(cfg, src if resumed else None)
     meta = dict(arch=cfg['model'], arch_kwargs=dict(cfg['model_kwargs'] or {}), size=splits.size, mean=list(splits.mean),
-                std=list(splits.std), n_base=splits.train.n_classes, norm_train_features=cfg['norm_train_features'],
+                std=list(splits.std), interpolation=splits.interpolation, n_base=splits.train.n_classes, norm_train_features=cfg['norm_train_features'],
                 config=_plain(cfg))
     ckpt = Checkpoints(run_dir, meta, resume=resumed)
     learn.add_cb(ckpt)
@@ -285,8 +291,11 @@ def evaluate_checkpoint(load_path,                    # a checkpoint file (best.
     cfg = _options(options, st.get('config'))
     _check(cfg)
     splits = get_benchmark(cfg['dataset'], root=cfg['root'])
-    if cfg['size'] is not None:
+    if cfg['size'] is not None and not cfg['pretrained']:
         for s in ('train', 'val', 'test'): splits[s].size = cfg['size']
+    # the input the backbone was trained on, as its checkpoint records it
+    splits = dataclasses.replace(splits, mean=tuple(st.get('mean', splits.mean)), std=tuple(st.get('std', splits.std)),
+                                 input_size=st.get('size'), interpolation=st.get('interpolation', 'bilinear'))
     backbone, _ = create_backbone(st['arch'], **st['arch_kwargs'])
     backbone.load_state_dict(st['backbone'])
     return _final_test(backbone.to(_device(cfg['gpu'])), splits, cfg, cfg['progress'])
