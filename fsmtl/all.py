@@ -10,6 +10,7 @@ from .probe import *
 from .features import *
 from .evaluate import *
 from .callbacks import *
+from .adapt import *
 from .classifier import *
 from .models import *
 from .pretrained import *
@@ -18,6 +19,6 @@ from .checkpoint import *
 from .train import *
 
 MODULES = ('data.core', 'data.download', 'data.benchmarks', 'data.transforms', 'data.tasks', 'data.block', 'probe',
-           'features', 'evaluate', 'callbacks', 'classifier', 'models', 'pretrained', 'learner', 'checkpoint', 'train')
+           'features', 'evaluate', 'adapt', 'callbacks', 'classifier', 'models', 'pretrained', 'learner', 'checkpoint', 'train')
 __all__ = [n for m in MODULES for n in importlib.import_module(f'fsmtl.{m}').__all__
            if inspect.isclass(globals()[n]) or inspect.isfunction(globals()[n])]

@@ -161,7 +161,9 @@ class InputOnly(DataLoaders):
                                    input_size=s.input_size, interpolation=s.interpolation)
         return res
 
-    def new_empty(self): return self
+    def new_empty(self):
+        "Itself: there are no loaders to empty."
+        return self
 
 
 def plateau_cbs(patience: int = 4,         # epochs without a gain in `monitor` before the learning rate drops

@@ -293,9 +293,10 @@ def evaluate_checkpoint(load_path,                    # a checkpoint file (best.
     splits = get_benchmark(cfg['dataset'], root=cfg['root'])
     if cfg['size'] is not None and not cfg['pretrained']:
         for s in ('train', 'val', 'test'): splits[s].size = cfg['size']
-    # the input the backbone was trained on, as its checkpoint records it
-    splits = dataclasses.replace(splits, mean=tuple(st.get('mean', splits.mean)), std=tuple(st.get('std', splits.std)),
-                                 input_size=st.get('size'), interpolation=st.get('interpolation', 'bilinear'))
+    # a pretrained backbone's input (its size, mean and std), as its checkpoint records it
+    if cfg['pretrained']:
+        splits = dataclasses.replace(splits, mean=tuple(st['mean']), std=tuple(st['std']), input_size=st['size'],
+                                     interpolation=st.get('interpolation', 'bilinear'))
     backbone, _ = create_backbone(st['arch'], **st['arch_kwargs'])
     backbone.load_state_dict(st['backbone'])
     return _final_test(backbone.to(_device(cfg['gpu'])), splits, cfg, cfg['progress'])

@@ -11,7 +11,9 @@ import fastai.callback.hook  # noqa: F401 (Learner.summary)
 from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler
 from fastai.learner import load_learner
+from fastai.torch_core import set_seed
 from fastai.vision.core import TensorImage
+from PIL import Image, ImageDraw
 
 from fsmtl.classifier import FewShotClassifier
 from fsmtl.data.block import episode_dl, mtl_dls
@@ -148,10 +150,9 @@ def test_test_time_finetuning_changes_only_a_copy(weights):
     assert all(np.allclose(a[s].accs, b[s].accs) for s in (1, 2))
 
 
-def test_train_with_pretrained_weights_and_frozen_epochs(weights, tmp_path):
+def test_train_with_pretrained_weights_and_frozen_epochs(weights, glyph_root, tmp_path):
     from fsmtl.cli import main
-    root = tmp_path / 'data'
-    args = ['train', '--root', str(root), '--log_dir', str(tmp_path / 'runs'), '--run_name', 'r', '--model', 'resnet10t',
+    args = ['train', '--root', str(glyph_root), '--log_dir', str(tmp_path / 'runs'), '--run_name', 'r', '--model', 'resnet10t',
             '--model_kwargs', json.dumps(ARCH), '--pretrained', str(weights), '--freeze_epochs', '1', '--size', '36',
             '--max_epochs', '1', '--scheduler', 'one_cycle', '--epoch_length', '4', '--meta_batch_size', '2',
             '--val_epoch_length', '2', '--final_test_epoch_length', '2', '--test_queries', '2', '--gpu', '-1']
@@ -163,3 +164,47 @@ def test_train_with_pretrained_weights_and_frozen_epochs(weights, tmp_path):
     assert last['size'] == 36 and last['mean'] == list(timm.create_model('resnet10t').pretrained_cfg['mean'])
     # the only epoch was frozen: the backbone's convolutions are the file's
     assert all(torch.equal(last['backbone'][k], v) for k, v in st.items() if k.endswith('.weight') and v.dim() == 4)
+
+
+def _draw(name, rng, size=32):
+    "A dark shape `name` on a light ground, at a random size, place, rotation and shade."
+    im = Image.new('L', (size, size), int(rng.integers(200, 256)))
+    d, fg = ImageDraw.Draw(im), int(rng.integers(0, 60))
+    r = rng.uniform(8, 13); cx, cy = rng.uniform(r + 1, size - r - 1, 2); rot = rng.uniform(0, 2 * np.pi)
+    if name in ('tri', 'sq', 'hex', 'star'):
+        n = {'tri': 3, 'sq': 4, 'hex': 6, 'star': 10}[name]
+        rad = [r * (0.45 if name == 'star' and i % 2 else 1) for i in range(n)]
+        d.polygon([(cx + q * np.cos(rot + 2 * np.pi * i / n), cy + q * np.sin(rot + 2 * np.pi * i / n))
+                   for i, q in enumerate(rad)], fill=fg)
+    elif name == 'circle': d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
+    elif name == 'ring': d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fg, width=3)
+    else:
+        for t in {'cross': [0, np.pi / 2], 'x': [np.pi / 4, 3 * np.pi / 4], 'bar': [0], 'vbar': [np.pi / 2]}[name]:
+            d.line([(cx - r * np.cos(t), cy - r * np.sin(t)), (cx + r * np.cos(t), cy + r * np.sin(t))], fill=fg, width=4)
+    return im.convert('RGB')
+
+
+def test_fine_tune_from_pretrained_beats_from_scratch(glyph_splits, tmp_path):
+    # "pretrained" weights: a small resnet10t trained briefly on glyphs by MTL
+    kw = dict(arch='resnet10t', arch_kwargs=dict(channels=(16, 16, 32, 32)))
+    set_seed(0)
+    glyphs = mtl_dls(glyph_splits, meta_batch_size=4, epoch_length=64, val_episodes=1, test_episodes=1, device='cpu')
+    teacher = mtl_learner(glyphs, lr=3e-3, **kw)
+    teacher.fit_one_cycle(1)
+    weights = tmp_path / 'glyphs.pth'
+    torch.save(teacher.model.backbone.state_dict(), weights)
+    folder, rng = tmp_path / 'shapes', np.random.default_rng(0)
+    for split, names in dict(train=['tri', 'hex', 'ring', 'bar'], val=['star', 'cross', 'vbar'], test=['x', 'circle', 'sq']).items():
+        for n in names:
+            (folder / split / n).mkdir(parents=True)
+            for i in range(20): _draw(n, rng).save(folder / split / n / f'{i}.png')
+    res = {}
+    for name, start in [('scratch', False), ('pretrained', weights)]:
+        set_seed(0)
+        dls = mtl_dls('folder', root=folder, train_ways=3, test_ways=3, meta_batch_size=4, epoch_length=16, val_episodes=1,
+                      test_episodes=1, device='cpu')
+        learn = mtl_learner(dls, pretrained=start, size=32, mean=glyph_splits.mean, std=glyph_splits.std, **kw)
+        learn.fine_tune(1, 2e-3)   # one frozen epoch, one unfrozen: the same two epochs for both
+        res[name] = learn.evaluate(ways=3, shots=5, queries=5, episodes=60, progress=False)
+    pre, scratch = res['pretrained'], res['scratch']
+    assert pre.mean - pre.ci95 > scratch.mean + scratch.ci95, (pre, scratch)
