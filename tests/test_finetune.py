@@ -188,7 +188,7 @@ def test_fine_tune_from_pretrained_beats_from_scratch(glyph_splits, tmp_path):
     # "pretrained" weights: a small resnet10t trained briefly on glyphs by MTL
     kw = dict(arch='resnet10t', arch_kwargs=dict(channels=(16, 16, 32, 32)))
     set_seed(0)
-    glyphs = mtl_dls(glyph_splits, meta_batch_size=4, epoch_length=64, val_episodes=1, test_episodes=1, device='cpu')
+    glyphs = mtl_dls(glyph_splits, meta_batch_size=4, epoch_length=120, val_episodes=1, test_episodes=1, device='cpu')
     teacher = mtl_learner(glyphs, lr=3e-3, **kw)
     teacher.fit_one_cycle(1)
     weights = tmp_path / 'glyphs.pth'
@@ -201,10 +201,10 @@ def test_fine_tune_from_pretrained_beats_from_scratch(glyph_splits, tmp_path):
     res = {}
     for name, start in [('scratch', False), ('pretrained', weights)]:
         set_seed(0)
-        dls = mtl_dls('folder', root=folder, train_ways=3, test_ways=3, meta_batch_size=4, epoch_length=16, val_episodes=1,
+        dls = mtl_dls('folder', root=folder, train_ways=3, test_ways=3, meta_batch_size=4, epoch_length=24, val_episodes=1,
                       test_episodes=1, device='cpu')
         learn = mtl_learner(dls, pretrained=start, size=32, mean=glyph_splits.mean, std=glyph_splits.std, **kw)
         learn.fine_tune(1, 2e-3)   # one frozen epoch, one unfrozen: the same two epochs for both
-        res[name] = learn.evaluate(ways=3, shots=5, queries=5, episodes=60, progress=False)
+        res[name] = learn.evaluate(ways=3, shots=5, queries=5, episodes=100, progress=False)
     pre, scratch = res['pretrained'], res['scratch']
     assert pre.mean - pre.ci95 > scratch.mean + scratch.ci95, (pre, scratch)
