@@ -69,10 +69,10 @@ class FrozenEpochs(Callback):
     def __init__(self, epochs: int = 1):  # epochs with the backbone frozen
         self.epochs, self.frozen = epochs, False
 
-    # fastai's freeze and unfreeze clear the optimiser's state: only at the change, so a resumed state is kept
+    # the optimiser's own freeze_to: `Learner.freeze` would also clear its state, which a resumed run must keep
     def before_epoch(self):
-        if self.epoch < self.epochs and not self.frozen: self.learn.freeze(); self.frozen = True
-        elif self.epoch >= self.epochs and self.frozen: self.learn.unfreeze(); self.frozen = False
+        if self.epoch < self.epochs and not self.frozen: self.learn.opt.freeze_to(-1); self.frozen = True
+        elif self.epoch >= self.epochs and self.frozen: self.learn.opt.freeze_to(0); self.frozen = False
 
     def after_fit(self):
-        if self.frozen: self.learn.unfreeze(); self.frozen = False
+        if self.frozen: self.learn.opt.freeze_to(0); self.frozen = False

@@ -163,7 +163,13 @@ def test_train_with_pretrained_weights_and_frozen_epochs(weights, glyph_root, tm
     last, st = torch.load(run / 'last.pth', weights_only=True), torch.load(weights)
     assert last['size'] == 36 and last['mean'] == list(timm.create_model('resnet10t').pretrained_cfg['mean'])
     # the only epoch was frozen: the backbone's convolutions are the file's
-    assert all(torch.equal(last['backbone'][k], v) for k, v in st.items() if k.endswith('.weight') and v.dim() == 4)
+    convs = [k for k, v in st.items() if k.endswith('.weight') and v.dim() == 4]
+    assert all(torch.equal(last['backbone'][k], st[k]) for k in convs)
+    # resumed for a second epoch, with the run's own options: past the frozen epoch, the convolutions train
+    res = train(resume=True, load_path=str(run), max_epochs=2, progress=False)
+    assert res.config['freeze_epochs'] == 1 and res.config['size'] == 36 and len(res.history) == 2
+    last = torch.load(run / 'last.pth', weights_only=True)
+    assert last['epoch'] == 2 and not any(torch.equal(last['backbone'][k], st[k]) for k in convs)
 
 
 def _draw(name, rng, size=32):
