@@ -19,7 +19,7 @@ from fsmtl.classifier import FewShotClassifier
 from fsmtl.data.block import episode_dl, mtl_dls
 from fsmtl.evaluate import evaluate
 from fsmtl.learner import mtl_learner
-from fsmtl.train import train
+from fsmtl.train import evaluate_checkpoint, train
 from helpers import coded_splits
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -170,6 +170,9 @@ def test_train_with_pretrained_weights_and_frozen_epochs(weights, glyph_root, tm
     assert res.config['freeze_epochs'] == 1 and res.config['size'] == 36 and len(res.history) == 2
     last = torch.load(run / 'last.pth', weights_only=True)
     assert last['epoch'] == 2 and not any(torch.equal(last['backbone'][k], st[k]) for k in convs)
+    # `fsmtl test` serves the checkpoint's recorded input: the same accuracies as the run's own final test
+    again = evaluate_checkpoint(run, progress=False)
+    assert all(np.array_equal(again[s].accs, res.test[s].accs) for s in (1, 5))
 
 
 def _draw(name, rng, size=32):
