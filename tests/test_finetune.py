@@ -13,14 +13,13 @@ from fastai.callback.schedule import ParamScheduler
 from fastai.learner import load_learner
 from fastai.torch_core import set_seed
 from fastai.vision.core import TensorImage
-from PIL import Image, ImageDraw
 
 from fsmtl.classifier import FewShotClassifier
 from fsmtl.data.block import episode_dl, mtl_dls
 from fsmtl.evaluate import evaluate
 from fsmtl.learner import mtl_learner
 from fsmtl.train import evaluate_checkpoint, train
-from helpers import coded_splits
+from helpers import coded_splits, shapes_folder
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 ARCH = dict(channels=(8, 8, 16, 16))   # a tiny resnet10t: timm's group_matcher has a stem and four stages
@@ -175,24 +174,6 @@ def test_train_with_pretrained_weights_and_frozen_epochs(weights, glyph_root, tm
     assert all(np.array_equal(again[s].accs, res.test[s].accs) for s in (1, 5))
 
 
-def _draw(name, rng, size=32):
-    "A dark shape `name` on a light ground, at a random size, place, rotation and shade."
-    im = Image.new('L', (size, size), int(rng.integers(200, 256)))
-    d, fg = ImageDraw.Draw(im), int(rng.integers(0, 60))
-    r = rng.uniform(8, 13); cx, cy = rng.uniform(r + 1, size - r - 1, 2); rot = rng.uniform(0, 2 * np.pi)
-    if name in ('tri', 'sq', 'hex', 'star'):
-        n = {'tri': 3, 'sq': 4, 'hex': 6, 'star': 10}[name]
-        rad = [r * (0.45 if name == 'star' and i % 2 else 1) for i in range(n)]
-        d.polygon([(cx + q * np.cos(rot + 2 * np.pi * i / n), cy + q * np.sin(rot + 2 * np.pi * i / n))
-                   for i, q in enumerate(rad)], fill=fg)
-    elif name == 'circle': d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
-    elif name == 'ring': d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fg, width=3)
-    else:
-        for t in {'cross': [0, np.pi / 2], 'x': [np.pi / 4, 3 * np.pi / 4], 'bar': [0], 'vbar': [np.pi / 2]}[name]:
-            d.line([(cx - r * np.cos(t), cy - r * np.sin(t)), (cx + r * np.cos(t), cy + r * np.sin(t))], fill=fg, width=4)
-    return im.convert('RGB')
-
-
 def test_fine_tune_from_pretrained_beats_from_scratch(glyph_splits, tmp_path):
     # "pretrained" weights: a small resnet10t trained briefly on glyphs by MTL
     kw = dict(arch='resnet10t', arch_kwargs=dict(channels=(16, 16, 32, 32)))
@@ -202,11 +183,7 @@ def test_fine_tune_from_pretrained_beats_from_scratch(glyph_splits, tmp_path):
     teacher.fit_one_cycle(1)
     weights = tmp_path / 'glyphs.pth'
     torch.save(teacher.model.backbone.state_dict(), weights)
-    folder, rng = tmp_path / 'shapes', np.random.default_rng(0)
-    for split, names in dict(train=['tri', 'hex', 'ring', 'bar'], val=['star', 'cross', 'vbar'], test=['x', 'circle', 'sq']).items():
-        for n in names:
-            (folder / split / n).mkdir(parents=True)
-            for i in range(20): _draw(n, rng).save(folder / split / n / f'{i}.png')
+    folder = shapes_folder(tmp_path / 'shapes')
     res = {}
     for name, start in [('scratch', False), ('pretrained', weights)]:
         set_seed(0)
