@@ -14,6 +14,7 @@ from fastai.learner import load_learner
 from fastai.torch_core import set_seed
 from fastai.vision.core import TensorImage
 
+from fsmtl.checkpoint import Checkpoints
 from fsmtl.classifier import FewShotClassifier
 from fsmtl.data.block import episode_dl, mtl_dls
 from fsmtl.evaluate import evaluate
@@ -103,6 +104,16 @@ def test_a_frozen_epoch_trains_the_head_only(weights, train_bn):
     learn.fit_one_cycle(1, slice(1e-5, 1e-3), cbs=cb)
     assert len(learn.opt.param_groups) == 6
     assert np.allclose(cb.lrs, np.geomspace(1e-5, 1e-3, 6) / 25)
+
+
+def test_lr_find_writes_no_checkpoint_and_puts_the_weights_back(weights, tmp_path):
+    learn = mtl_learner(_dls(), arch='resnet10t', arch_kwargs=ARCH, pretrained=weights, size=32, path=tmp_path,
+                        cbs=[Checkpoints(tmp_path / 'run')])
+    before = copy.deepcopy(learn.model.state_dict())
+    lrs = learn.lr_find(num_it=8, show_plot=False)
+    assert 1e-7 < lrs.valley < 10 and len(learn.recorder.lrs) == 8
+    assert not (tmp_path / 'run').exists()   # no checkpoint of an lr_find run
+    assert all(torch.equal(v, before[k]) for k, v in learn.model.state_dict().items())   # weights put back
 
 
 def test_summary_and_export_then_load_learner(weights, tmp_path):
