@@ -13,10 +13,11 @@ from .callbacks import *
 from .classifier import *
 from .models import *
 from .learner import *
+from .algorithms import *
 from .checkpoint import *
 from .train import *
 
 MODULES = ('data.core', 'data.download', 'data.benchmarks', 'data.transforms', 'data.tasks', 'data.block', 'probe',
-           'features', 'evaluate', 'callbacks', 'classifier', 'models', 'learner', 'checkpoint', 'train')
+           'features', 'evaluate', 'callbacks', 'classifier', 'models', 'learner', 'algorithms', 'checkpoint', 'train')
 __all__ = [n for m in MODULES for n in importlib.import_module(f'fsmtl.{m}').__all__
            if inspect.isclass(globals()[n]) or inspect.isfunction(globals()[n])]

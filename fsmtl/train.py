@@ -10,11 +10,12 @@ import pandas as pd
 import torch
 from fastai.torch_core import default_device, set_seed
 
+from .algorithms import META_ALGORITHMS, check_meta, meta_learner, meta_model, native_evaluate
 from .checkpoint import Checkpoints, read_checkpoint
 from .data.block import mtl_dls
 from .data.benchmarks import get_benchmark
 from .evaluate import EvalResults, evaluate
-from .learner import get_opt, mtl_learner
+from .learner import get_opt
 from .models import create_backbone
 from .probe import get_probe
 from .runlog import RunCSVLogger, tensorboard_cb, wandb_cb, write_json
@@ -27,7 +28,7 @@ OPTIONS = {
     'root': ('~/data', 'folder of the benchmarks (for folder: your folder of class folders)'),
     'log_dir': ('runs', 'runs are written to a folder in here: checkpoints, history.csv, config.json, results.json'),
     'run_name': (None, 'name of the run folder; default: dataset-model-date-time'),
-    'algorithm': ('mtl', 'training algorithm: mtl'),
+    'algorithm': ('mtl', 'mtl, or a meta-learner: protonet, metaoptnet, r2d2, anil, maml (support: the first train_shots a class)'),
     'model': ('resnet12', 'backbone: resnet12 or any timm architecture name'),
     'model_kwargs': (None, 'keyword arguments of the architecture (timm.create_model), a dict'),
     'pretrained': (False, 'True: timm hub weights; a path: a local weights file'),
@@ -44,7 +45,8 @@ OPTIONS = {
     'epoch_length': (1600, 'training tasks in an epoch'),
     'val_epoch_length': (400, 'validation episodes, scored after every epoch'),
     'final_test_epoch_length': (2000, 'test episodes of the final test'),
-    'test_method': ('l2', 'probe on the features: l2 (logistic regression), sklearn (the same in scikit-learn), proto'),
+    'test_method': ('l2', 'probe on the features: l2 (logistic regression), sklearn (the same in scikit-learn), proto; '
+                          'native: a meta-learner\'s own head (validation keeps l2)'),
     'test_l2': (3., 'C, the inverse L2 regularisation strength, of the logistic regression probe'),
     'optim': ('radam', 'optimiser: sgd, sgdw, sgdp, adam, adamw, adamax, radam, adabound, adamp'),
     'lr': (1e-3, 'learning rate (the peak of one_cycle)'),
@@ -66,8 +68,15 @@ OPTIONS = {
     'baseline': (False, 'also test the untrained backbone on the same episodes, to show the gain'),
     'num_workers': (None, 'loader processes; None: 0 for in-memory benchmarks, else all cores'),
     'progress': (True, 'progress bars and the epoch table'),
+    'adaptation_steps': (1, 'maml, anil: gradient steps on each task\'s support'),
+    'adaptation_lr': (0.5, 'maml, anil: learning rate of those steps (learn2learn\'s fast_lr)'),
+    'first_order': (False, 'maml, anil: first-order approximation (no gradient through the adaptation)'),
+    'svm_C': (0.1, 'metaoptnet: C of the SVM head'),
+    'svm_max_iters': (15, 'metaoptnet: iterations of the SVM\'s QP solver'),
+    'ridge_lambda': (50., 'r2d2: L2 weight of the ridge regression head'),
 }
-ALGORITHMS = ('mtl',)
+ALGORITHMS = ('mtl', *META_ALGORITHMS)
+META_OPTIONS = ('adaptation_steps', 'adaptation_lr', 'first_order', 'svm_C', 'svm_max_iters', 'ridge_lambda')
 SCHEDULERS = ('plateau', 'step', 'one_cycle')
 FINAL_SHOTS = (1, 5)
 
@@ -128,13 +137,20 @@ def _options(given: dict, base: dict | None = None) -> dict:
 
 def _check(cfg):
     "Fail before any work on an unknown algorithm, scheduler, probe or optimiser, or on contradicting options."
-    if cfg['algorithm'] not in ALGORITHMS:
-        raise ValueError(f"algorithm {cfg['algorithm']!r} is not in fsmtl yet: use {', '.join(ALGORITHMS)}")
+    check_meta(cfg['algorithm'], cfg['train_shots'], cfg['train_queries'], cfg['adaptation_steps'], cfg['adaptation_lr'],
+               cfg['svm_C'], cfg['svm_max_iters'], cfg['ridge_lambda'], cfg['norm_train_features'])
     if cfg['scheduler'] not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {cfg['scheduler']!r}: use one of {', '.join(SCHEDULERS)}")
     if cfg['fp16'] and cfg['bf16']: raise ValueError("choose fp16 or bf16, not both")
-    get_probe(cfg['test_method'], cfg['test_l2'])
+    if cfg['test_method'] == 'native' and cfg['algorithm'] == 'mtl':
+        raise ValueError("test_method native is a meta-learner's own head: with algorithm mtl use l2, sklearn or proto")
+    _val_probe(cfg)
     get_opt(cfg['optim'])
+
+
+def _val_probe(cfg):
+    "The probe of the validation episodes: the test's, but l2 when the test uses a meta-learner's native head."
+    return get_probe('l2' if cfg['test_method'] == 'native' else cfg['test_method'], cfg['test_l2'])
 
 
 def _device(gpu):
@@ -171,6 +187,9 @@ def _load_weights(model, st, head: bool = True):
 def _final_test(model, splits, cfg, progress) -> EvalResults:
     "The final test: 1- and 5-shot (and `test_shots`) on the same fixed test episodes."
     shots = tuple(sorted({*FINAL_SHOTS, int(cfg['test_shots'])}))
+    if cfg['test_method'] == 'native':
+        return native_evaluate(model, splits, 'test', cfg['test_ways'], shots, cfg['test_queries'],
+                               cfg['final_test_epoch_length'], cfg['seed'], progress=progress)
     return evaluate(model, splits, split='test', ways=cfg['test_ways'], shots=shots, queries=cfg['test_queries'],
                     episodes=cfg['final_test_epoch_length'], probe=get_probe(cfg['test_method'], cfg['test_l2']),
                     seed=cfg['seed'], progress=progress)
@@ -213,11 +232,12 @@ def train(dataset: str | None = None,  # a benchmark name; None: glyphs, or a re
     if resumed is None: set_seed(cfg['seed'])
     t0 = time.perf_counter()
     dls = _dls(cfg, device)
-    learn = mtl_learner(dls, arch=cfg['model'], pretrained=cfg['pretrained'], norm_train_features=cfg['norm_train_features'],
-                        opt=cfg['optim'], lr=cfg['lr'], wd=cfg['weight_decay'], arch_kwargs=cfg['model_kwargs'],
-                        probe=get_probe(cfg['test_method'], cfg['test_l2']),
-                        precision='fp16' if cfg['fp16'] else 'bf16' if cfg['bf16'] else 'fp32',
-                        channels_last=cfg['channels_last'])
+    learn = meta_learner(dls, cfg['algorithm'], cfg['train_shots'], **{k: cfg[k] for k in META_OPTIONS},
+                         arch=cfg['model'], pretrained=cfg['pretrained'], norm_train_features=cfg['norm_train_features'],
+                         opt=cfg['optim'], lr=cfg['lr'], wd=cfg['weight_decay'], arch_kwargs=cfg['model_kwargs'],
+                         probe=_val_probe(cfg),
+                         precision='fp16' if cfg['fp16'] else 'bf16' if cfg['bf16'] else 'fp32',
+                         channels_last=cfg['channels_last'])
     if not cfg['progress']:
         learn.remove_cbs(learn.progress)
         learn.logger = lambda *_: None   # else fastai prints each epoch's raw record
@@ -287,6 +307,10 @@ def evaluate_checkpoint(load_path,                    # a checkpoint file (best.
     splits = get_benchmark(cfg['dataset'], root=cfg['root'])
     if cfg['size'] is not None:
         for s in ('train', 'val', 'test'): splits[s].size = cfg['size']
-    backbone, _ = create_backbone(st['arch'], **st['arch_kwargs'])
+    backbone, nf = create_backbone(st['arch'], **st['arch_kwargs'])
     backbone.load_state_dict(st['backbone'])
+    if cfg['test_method'] == 'native':   # the algorithm's head around the backbone, with its trained weights
+        backbone = meta_model(cfg['algorithm'], backbone, nf, cfg['train_ways'], cfg['train_shots'], cfg['train_queries'],
+                              **{k: cfg[k] for k in META_OPTIONS})
+        _load_weights(backbone, st)
     return _final_test(backbone.to(_device(cfg['gpu'])), splits, cfg, cfg['progress'])
