@@ -90,10 +90,14 @@ def pct(m, ci): return f"{100 * m:.1f} ± {100 * ci:.1f}"
 
 def table(results) -> str:
     "The markdown table of the children's results."
-    target = min(max(a for _, a, _ in r['log']) for r in results)
+    done = [r for r in results if 'error' not in r]
+    target = min(max(a for _, a, _ in r['log']) for r in done) if done else float('nan')
     rows = ['| algorithm | best val acc (5-shot) | test 1-shot | test 5-shot | native 1-shot | native 5-shot | training s '
             f'| s to {100 * target:.1f}% val | epochs | peak MiB |', '|' + '---|' * 10]
     for r in results:
+        if 'error' in r:
+            rows.append(f"| {r['algorithm']} | failed: {r['error'][:200]} |" + ' |' * 8)
+            continue
         best = max(r['log'], key=lambda e: e[1])
         reach = next(t for t, a, _ in r['log'] if a >= target)
         nat = r.get('native', {})
@@ -131,7 +135,11 @@ def main(argv=None):
         argv_child = [a for a in (argv if argv is not None else sys.argv[1:])] + ['--one', alg]
         done = subprocess.run([sys.executable, __file__, *argv_child], capture_output=True, text=True)
         line = next((l for l in done.stdout.splitlines() if l.startswith('RESULT ')), None)
-        if line is None: sys.exit(f"{alg} failed:\n{done.stderr[-3000:]}")
+        if line is None:   # a diverging meta-learner is a result too: its row says why it stopped
+            err = (done.stderr.strip().splitlines() or ['no output'])[-1]
+            results.append(dict(algorithm=alg, error=err))
+            print(f"{alg} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+            continue
         results.append(json.loads(line[len('RESULT '):]))
         print(f"{alg}: {results[-1]['epochs']} epochs in {results[-1]['wall']:.0f} s", file=sys.stderr)
     out = table(results)
