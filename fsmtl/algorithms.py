@@ -14,7 +14,7 @@ from .features import extract_features, model_device
 from .learner import MTLLearner, mtl_learner
 
 __all__ = ['META_ALGORITHMS', 'split_tasks', 'position_labels', 'proto_logits', 'ridge_logits', 'svm_logits', 'EpisodeLoss',
-           'FeatureHeadModel', 'MAMLModel', 'check_meta', 'meta_model', 'meta_learner', 'native_evaluate']
+           'FeatureHeadModel', 'MAMLModel', 'check_meta', 'meta_model', 'meta_learner', 'native_accuracy', 'native_evaluate']
 
 # name -> what its episodic head is; `mtl` is the multi-task learner of `fsmtl.learner`
 META_ALGORITHMS = {'protonet': 'nearest class mean, squared Euclidean distance (Snell et al. 2017)',
@@ -327,6 +327,28 @@ def meta_learner(dls,                          # DataLoaders from `mtl_dls`
     return learn
 
 
+def _check_native(model):
+    if not hasattr(model, 'predict_episodes'):
+        raise ValueError("test_method='native' tests a meta-learner's own head: train with algorithm protonet, metaoptnet, "
+                         "r2d2, anil or maml, or use a probe (l2, sklearn, proto)")
+
+
+def native_accuracy(model,               # a model of `meta_model`
+                    dl,                  # an `EpisodeDL`: fixed episodes, class-major, supports first
+                    shots=(1, 5),        # shot counts; each uses the first supports of a class
+                    chunk: int = 256,    # images a forward pass
+                    progress: bool = False):  # show a progress bar
+    "Per-episode query accuracy of `dl`'s episodes for each shot count, by the algorithm's own head (as `episodic_accuracy`)."
+    _check_native(model)
+    counts = [shots] if isinstance(shots, int) else list(shots)
+    yq = torch.arange(dl.ways, device=dl.device).repeat_interleave(dl.queries)
+    accs = {s: [] for s in counts}
+    for x, _ in (progress_bar(dl, leave=False) if progress else dl):
+        for s, pred in model.predict_episodes(x.as_subclass(torch.Tensor), dl.ways, dl.per_class, dl.queries, counts, chunk).items():
+            accs[s].append((pred == yq).float().mean(1).cpu())
+    return {s: torch.cat(a).numpy() for s, a in accs.items()}
+
+
 def native_evaluate(model,                 # a model of `meta_model`
                     splits,                # `FewShotSplits`
                     split: str = 'test',   # the split of the episodes
@@ -339,15 +361,9 @@ def native_evaluate(model,                 # a model of `meta_model`
                     progress: bool = True  # show a progress bar
                     ) -> EvalResults:
     "The episodic test with the algorithm's own head (prototypes, SVM, ridge, MAML's adaptation): mean ± 95% CI by shot count."
-    if not hasattr(model, 'predict_episodes'):
-        raise ValueError("test_method='native' tests a meta-learner's own head: train with algorithm protonet, metaoptnet, "
-                         "r2d2, anil or maml, or use a probe (l2, sklearn, proto)")
     counts = [shots] if isinstance(shots, int) else list(shots)
+    _check_native(model)   # before any episode is drawn
     dl = chunked_episode_dl(splits, split, ways, max(counts), queries, episodes, seed, chunk, model_device(model))
-    yq = torch.arange(ways, device=dl.device).repeat_interleave(queries)
-    accs = {s: [] for s in counts}
-    for x, _ in (progress_bar(dl, leave=False) if progress else dl):
-        for s, pred in model.predict_episodes(x.as_subclass(torch.Tensor), ways, dl.per_class, queries, counts, chunk).items():
-            accs[s].append((pred == yq).float().mean(1).cpu())
-    results = EvalResults({s: EvalResult(torch.cat(a).numpy(), ways, s, queries) for s, a in accs.items()})
+    accs = native_accuracy(model, dl, counts, chunk, progress)
+    results = EvalResults({s: EvalResult(a, ways, s, queries) for s, a in accs.items()})
     return results if not isinstance(shots, int) else results[shots]
