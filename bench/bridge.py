@@ -49,11 +49,11 @@ class Budget(Callback):
         if self.training and time.perf_counter() - self.start > self.seconds: raise CancelTrainException
 
     def after_epoch(self):
-        names = list(self.learn.recorder.metric_names[1:])
-        row = dict(zip(names, self.learn.recorder.values[-1]))
-        self.log.append((time.perf_counter() - self.start, row['episodic_acc'], row['episodic_ci']))
-        if row['episodic_acc'] > self.best:
-            self.best, self.state = row['episodic_acc'], copy.deepcopy(self.learn.model.state_dict())
+        # read from EpisodicEval itself: the Recorder leaves out the train loss of an epoch cancelled before its first batch
+        value = self.learn.episodic_eval.value
+        self.log.append((time.perf_counter() - self.start, value['episodic_acc'], value['episodic_ci']))
+        if value['episodic_acc'] > self.best:
+            self.best, self.state = value['episodic_acc'], copy.deepcopy(self.learn.model.state_dict())
         if self.log[-1][0] > self.seconds: raise CancelFitException
 
 
@@ -115,16 +115,16 @@ def main(argv=None):
     p.add_argument('--shots', type=int, default=5)
     p.add_argument('--queries', type=int, default=5)
     p.add_argument('--tasks', type=int, default=6)
-    p.add_argument('--epoch_length', type=int, default=60)
-    p.add_argument('--val_episodes', type=int, default=100)
+    p.add_argument('--epoch_length', type=int, default=96)
+    p.add_argument('--val_episodes', type=int, default=50)
     p.add_argument('--test_episodes', type=int, default=2000)
-    p.add_argument('--native_episodes', type=int, default=500)
+    p.add_argument('--native_episodes', type=int, default=200)
     p.add_argument('--lr', type=float, default=1e-3)
     p.add_argument('--adaptation_steps', type=int, default=1)
     p.add_argument('--adaptation_lr', type=float, default=0.5)
     p.add_argument('--first_order', action='store_true')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--threads', type=int, default=1, help='torch threads of each child')
     p.add_argument('--root', default='~/data')
     p.add_argument('--out', default=None, help='also write the table to this file')
     p.add_argument('--one', default=None, help=argparse.SUPPRESS)
