@@ -4,6 +4,7 @@ import difflib
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +16,7 @@ from .checkpoint import Checkpoints, read_checkpoint
 from .data.block import mtl_dls
 from .data.benchmarks import get_benchmark
 from .evaluate import EvalResults, evaluate
-from .learner import get_opt
+from .learner import get_opt, mtl_learner
 from .models import create_backbone
 from .probe import get_probe
 from .runlog import RunCSVLogger, tensorboard_cb, wandb_cb, write_json
@@ -232,12 +233,13 @@ def train(dataset: str | None = None,  # a benchmark name; None: glyphs, or a re
     if resumed is None: set_seed(cfg['seed'])
     t0 = time.perf_counter()
     dls = _dls(cfg, device)
-    learn = meta_learner(dls, cfg['algorithm'], cfg['train_shots'], **{k: cfg[k] for k in META_OPTIONS},
-                         arch=cfg['model'], pretrained=cfg['pretrained'], norm_train_features=cfg['norm_train_features'],
-                         opt=cfg['optim'], lr=cfg['lr'], wd=cfg['weight_decay'], arch_kwargs=cfg['model_kwargs'],
-                         probe=_val_probe(cfg),
-                         precision='fp16' if cfg['fp16'] else 'bf16' if cfg['bf16'] else 'fp32',
-                         channels_last=cfg['channels_last'])
+    algo = dict(algorithm=cfg['algorithm'], shots=cfg['train_shots'], **{k: cfg[k] for k in META_OPTIONS})
+    make = mtl_learner if cfg['algorithm'] == 'mtl' else partial(meta_learner, **algo)
+    learn = make(dls, arch=cfg['model'], pretrained=cfg['pretrained'], norm_train_features=cfg['norm_train_features'],
+                        opt=cfg['optim'], lr=cfg['lr'], wd=cfg['weight_decay'], arch_kwargs=cfg['model_kwargs'],
+                        probe=_val_probe(cfg),
+                        precision='fp16' if cfg['fp16'] else 'bf16' if cfg['bf16'] else 'fp32',
+                        channels_last=cfg['channels_last'])
     if not cfg['progress']:
         learn.remove_cbs(learn.progress)
         learn.logger = lambda *_: None   # else fastai prints each epoch's raw record
