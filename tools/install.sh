@@ -25,4 +25,11 @@ if ! "$venv/bin/python" -c "import learn2learn" 2>/dev/null; then
   (cd "$tmp/learn2learn-0.2.0" && "$OLDPWD/$venv/bin/cython" -3 learn2learn/data/*.pyx)
   $pip install -q --no-deps --no-build-isolation "$tmp/learn2learn-0.2.0"
 fi
+# MetaOptNet's SVM head is learn2learn's SVClassifier, which solves its QP with qpth. qpth 0.0.18's metadata asks for
+# numpy<2, and pip would then downgrade numpy under pandas 3: it goes in without dependencies (it runs with numpy 2).
+# qpth imports cvxpy (its optional solver) on import, so cvxpy goes in with its own dependencies.
+if ! "$venv/bin/python" -c "import qpth" 2>/dev/null; then
+  $pip install -q cvxpy==1.9.3
+  $pip install -q --no-deps qpth==0.0.18
+fi
 "$venv/bin/python" -c "import fsmtl, learn2learn, fastai, timm; print('installed fastai', fastai.__version__, 'timm', timm.__version__, 'learn2learn', learn2learn.__version__)"
