@@ -376,7 +376,7 @@ def evaluate_checkpoint(load_path,  # a checkpoint file (best.pth, last.pth) or 
     # only the test's options are checked: testing needs neither the training optimiser nor its settings
     cfg = _options(options, st.get('config'))
     _check_numbers(cfg, _TEST_OPTIONS)
-    get_probe(cfg['test_method'], cfg['test_l2'])
+    _val_probe(cfg)
     backbone = backbone_from_checkpoint(st, p / 'best.pth' if p.is_dir() else p)
     splits = get_benchmark(cfg['dataset'], root=cfg['root'])
     if cfg['size'] is not None and not cfg['pretrained']:
