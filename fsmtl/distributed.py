@@ -8,7 +8,6 @@ import torch
 import torch.distributed as dist
 from fastai.distributed import DistributedTrainer
 from fastai.torch_core import num_distrib, rank_distrib
-from fastcore.meta import delegates
 from torch import nn
 
 from .data.tasks import EpisodeDL, TaskDL, seeded_random
@@ -74,7 +73,8 @@ def _object(data: bytes):
     return torch.load(io.BytesIO(data), map_location='cpu', weights_only=False)
 
 
-def gather_objects(obj) -> list:  # tensors, arrays, numbers and containers of them
+def gather_objects(obj  # tensors, arrays, numbers and containers of them
+                   ) -> list:
     "`obj` of every process, in rank order; `[obj]` in one process."
     if not _joined() or dist.get_world_size() == 1: return [obj]
     out = [None] * dist.get_world_size()
@@ -82,7 +82,8 @@ def gather_objects(obj) -> list:  # tensors, arrays, numbers and containers of t
     return [_object(b) for b in out]
 
 
-def broadcast_object(obj):  # rank 0's is kept, the others' are ignored
+def broadcast_object(obj  # rank 0's is kept, the others' are ignored
+                     ):
     "Rank 0's `obj` on every process; `obj` itself in one process."
     if not _joined() or dist.get_world_size() == 1: return obj
     box = [_bytes(obj)]
@@ -90,18 +91,21 @@ def broadcast_object(obj):  # rank 0's is kept, the others' are ignored
     return _object(box[0])
 
 
-def peer_failed(e: BaseException) -> bool:  # an error this process met
+def peer_failed(e: BaseException  # an error this process met
+                ) -> bool:
     "Whether `e` is torch.distributed's report that another process of the run is gone."
     # DDP's gradient hooks report a lost peer as a plain RuntimeError, in gloo's words
     return world() > 1 and (isinstance(e, dist.DistError) or any(w in str(e) for w in ('closed by peer', 'remote worker')))
 
 
-def unwrap(model: nn.Module) -> nn.Module:  # a model, perhaps in `DistributedDataParallel` or `DataParallel`
+def unwrap(model: nn.Module  # a model, perhaps in `DistributedDataParallel` or `DataParallel`
+           ) -> nn.Module:
     "The model inside a data-parallel wrapper, else `model`."
     return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
 
 
-def shard_episodes(dl: EpisodeDL) -> EpisodeDL:  # fixed episodes, the same on every process
+def shard_episodes(dl: EpisodeDL  # fixed episodes, the same on every process
+                   ) -> EpisodeDL:
     "This rank's consecutive share of `dl`'s episodes, in whole batches; `dl` itself in one process or when already a share."
     if world() == 1 or not _joined() or getattr(dl, 'shard', None) is not None: return dl
     n = len(dl.episodes)
@@ -126,7 +130,6 @@ def gather_episodes(accs: dict,      # per-episode accuracies by shot count, of 
 
 class MTLDistributedTrainer(DistributedTrainer):
     "fastai's `DistributedTrainer` for MTL: each rank trains on its share of a step's tasks, and scores its share of the episodes."
-    @delegates(DistributedTrainer.__init__)
     def __init__(self, sync_bn=False,   # batch statistics over all processes (`nn.SyncBatchNorm`, GPUs only)
                  **kwargs):             # passed to accelerate's `Accelerator`
         # without `cpu`, accelerate runs CPU processes side by side, each training alone
