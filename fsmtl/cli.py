@@ -89,6 +89,8 @@ def _option_flags(p, names):
 
 
 def _print_results(results):
+    from .distributed import is_main
+    if not is_main(): return   # every process holds the same results
     for s, r in results.items(): print(f"{r.ways}-way {s}-shot test accuracy: {r!r} ({len(r.accs)} episodes)")
 
 

@@ -361,6 +361,7 @@ def evaluate_checkpoint(load_path,  # a checkpoint file (best.pth, last.pth) or 
     _check_numbers(cfg, _TEST_OPTIONS)
     get_probe(cfg['test_method'], cfg['test_l2'])
     backbone = backbone_from_checkpoint(st, p / 'best.pth' if p.is_dir() else p)
+    init_distributed()   # under torchrun, each process tests its share of the episodes
     splits = get_benchmark(cfg['dataset'], root=cfg['root'])
     if cfg['size'] is not None:
         for s in ('train', 'val', 'test'): splits[s].size = cfg['size']

@@ -74,7 +74,14 @@ def test_one_step_on_two_processes_is_one_process_step_on_all_the_tasks(parts, g
     model.load_state_dict(parts[0]['init'])
     loss = MultiTaskLoss(W.STEP['train_ways'], W.STEP['train_shots'] + W.STEP['train_queries'])
     params = dict(model.named_parameters())
-    grads = [torch.autograd.grad(loss(model(x), y), list(params.values())) for x, y in ((x0, y0), (x1, y1))]
+    halves = [(loss(model(x), y), loss.task_logits(model(x).detach(), y)) for x, y in ((x0, y0), (x1, y1))]
+    grads = [torch.autograd.grad(l, list(params.values())) for l, _ in halves]
+    # what every rank records is of all the step's tasks: the mean loss and the task accuracy over both halves
+    hist = parts[0]['history']
+    assert parts[1]['history'] == hist
+    assert hist['train_loss'] == [pytest.approx(float(sum(l for l, _ in halves)) / 2, rel=1e-5)]
+    correct = sum(int((logits.argmax(1) == y).sum()) for _, (logits, y) in halves)
+    assert hist['task_acc'] == [correct / (len(y0) + len(y1))]
     expected = {k: p.detach() - W.LR * (g0 + g1) / 2 for (k, p), g0, g1 in zip(params.items(), *grads)}
     f0, f1 = parts[0]['final'], parts[1]['final']
     for k in f0: assert torch.equal(f0[k], f1[k]), k   # parameters and buffers identical on both ranks
