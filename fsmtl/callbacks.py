@@ -78,7 +78,8 @@ class EpisodicEval(Callback):
 
     def before_validate(self):
         self.scorer = None
-        if hasattr(self.learn, 'lr_finder'): return
+        # lr_find, and get_preds or summary on other batches than the validation set's, are left to fastai alone
+        if hasattr(self.learn, 'lr_finder') or self.learn.dl is not self.learn.dls.valid: return
         self._add_metrics()
         due = not self._in_fit or (self.epoch + 1) % self.every == 0 or self.epoch + 1 == self.n_epoch
         self.value = {}
@@ -114,6 +115,9 @@ class EpisodicEval(Callback):
 class TaskAccuracy(Callback):
     "Report `task_acc`: the accuracy of the epoch's training batches, each task scored over its own classes."
     order = Recorder.order - 1
+
+    # a value before any training epoch: `summary` and `get_preds` log metrics without one
+    def __init__(self): self.value = float('nan')
 
     def before_fit(self):
         if 'task_acc' not in self.learn.metrics.attrgot('name'):

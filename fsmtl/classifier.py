@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .checkpoint import save_atomic
+from .adapt import finetune_copy
+from .checkpoint import backbone_from_checkpoint, read_checkpoint, save_atomic
 from .data.core import _decode
 from .features import extract_features, feature_model, model_device
 from .probe import get_probe
@@ -73,8 +74,11 @@ class FewShotClassifier:
                  C: float = 3.,            # inverse regularisation strength of the logistic probes
                  arch: str | None = None,  # timm name of the backbone's architecture, for `save`; None: found on the backbone
                  arch_kwargs: dict | None = None,  # keyword arguments of `timm.create_model` that rebuild the backbone
-                 chunk: int = 256):        # images read and passed forward at once
+                 chunk: int = 256,         # images read and passed forward at once
+                 finetune_steps: int = 0,  # fine-tune a copy of the backbone on the support images first (P>M>F)
+                 finetune_lr: float = 1e-3):  # the learning rate of that fine-tuning
         self.backbone, self.size, self.chunk = feature_model(backbone), int(size), chunk
+        self.finetune_steps, self.finetune_lr, self.finetuned = int(finetune_steps), float(finetune_lr), None
         self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
         self.probe, self.C, self.arch, self.arch_kwargs = probe, float(C), arch, arch_kwargs
         get_probe(probe, C)   # an unknown probe name fails here rather than in `fit`
@@ -98,7 +102,9 @@ class FewShotClassifier:
         "L2-normalised features (N, D) of `images`, on the backbone's device; `chunk` images are read at a time."
         items, device = _items(images), model_device(self.backbone)
         if not items: raise ValueError("no images given")
-        return torch.cat([extract_features(self.backbone, image_batch(items[i:i + self.chunk], self.size, self.mean,
+        # after a fit with `finetune_steps`, the fine-tuned copy; the stored backbone is never changed
+        model = self.backbone if self.finetuned is None else self.finetuned
+        return torch.cat([extract_features(model, image_batch(items[i:i + self.chunk], self.size, self.mean,
                                                                       self.std).to(device), self.chunk)
                           for i in range(0, len(items), self.chunk)])
 
@@ -115,7 +121,12 @@ class FewShotClassifier:
         if len(classes) < 2:
             raise ValueError(f"all support images are of one class ({classes[0]!r}): give images of two classes at least")
         index = {c: i for i, c in enumerate(classes)}
-        return self._fit(self.features(items), torch.tensor([index[l] for l in labels]), classes)
+        y = torch.tensor([index[l] for l in labels])
+        self.finetuned = None
+        if self.finetune_steps:
+            x = image_batch(items, self.size, self.mean, self.std).to(model_device(self.backbone))
+            self.finetuned = finetune_copy(self.backbone, x, y, self.mean, self.std, self.finetune_steps, self.finetune_lr)
+        return self._fit(self.features(items), y, classes)
 
     def _fit(self, feats, y, classes):
         "Keep the support features `feats`, their labels `y` (indices into `classes`) and the probe fitted on them."
@@ -152,7 +163,8 @@ class FewShotClassifier:
         if not isinstance(self.probe, str): raise ValueError("save needs the probe by name ('logistic', 'sklearn' or 'proto')")
         fitted = hasattr(self, 'probe_')
         state = dict(arch=arch, arch_kwargs=kwargs, size=self.size, mean=self.mean, std=self.std, probe=self.probe, C=self.C,
-                     backbone={k: v.detach().cpu() for k, v in self.backbone.state_dict().items()},
+                     # a fine-tuned copy is what the stored support features and later predictions come from
+                     backbone={k: v.detach().cpu() for k, v in (self.backbone if self.finetuned is None else self.finetuned).state_dict().items()},
                      classes=[c if isinstance(c, (str, int)) else str(c) for c in getattr(self, 'classes', [])],
                      support=self.support.cpu() if fitted else torch.zeros(0),
                      support_labels=self.support_labels.cpu() if fitted else torch.zeros(0, dtype=torch.long))
@@ -160,11 +172,8 @@ class FewShotClassifier:
 
     @staticmethod
     def _read(path) -> dict:
-        "The checkpoint at `path`, with the keys of `CHECKPOINT_KEYS` at least."
-        path = Path(path).expanduser()
-        if not path.is_file(): raise FileNotFoundError(f"No checkpoint file {path}")
-        try: state = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception as e: raise ValueError(f"Cannot read checkpoint {path}: {e}") from e
+        "The checkpoint at `path` (a file, or a run folder's best.pth), with the keys of `CHECKPOINT_KEYS` at least."
+        state = read_checkpoint(path, prefer='best')
         missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
         if missing: raise ValueError(f"{path} lacks {', '.join(missing)}: a checkpoint needs {', '.join(CHECKPOINT_KEYS)}, "
                                      "as FewShotClassifier.save writes")
@@ -182,12 +191,7 @@ class FewShotClassifier:
     @classmethod
     def _build(cls, st, path, probe, device, **kw):
         "An unfitted classifier from the checkpoint `st` read from `path`: the backbone rebuilt by timm, its weights loaded."
-        import timm
-        backbone = timm.create_model(st['arch'], num_classes=0, pretrained=False, **st['arch_kwargs'])
-        try: backbone.load_state_dict(st['backbone'])
-        except RuntimeError as e:
-            raise ValueError(f"the weights in {path} do not fit timm's {st['arch']} with {st['arch_kwargs']}: {e}") from e
-        return cls(backbone.eval().to(device or 'cpu'), st['size'], st['mean'], st['std'], probe,
+        return cls(backbone_from_checkpoint(st, path).eval().to(device or 'cpu'), st['size'], st['mean'], st['std'], probe,
                    arch=st['arch'], arch_kwargs=st['arch_kwargs'], **kw)
 
     @classmethod

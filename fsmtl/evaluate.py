@@ -139,7 +139,9 @@ def evaluate(learn_or_model,                 # a `Learner`, a model with a `back
              seed: int = 0,                  # fixes the episodes
              chunk: int = 256,               # images loaded and passed forward at once: bounds memory
              group: int = 2 ** 15,           # feature rows kept before the probe runs on their episodes: bounds memory
-             progress: bool = True):         # show a progress bar
+             progress: bool = True,          # show a progress bar
+             finetune_steps: int = 0,        # fine-tune a copy of the backbone on each episode's supports first (P>M>F)
+             finetune_lr: float = 1e-3):     # the learning rate of that fine-tuning
     "The episodic test of a backbone: an `EvalResult` (mean ± 95% CI) per shot count, an `EvalResults` when `shots` is a tuple."
     learn = learn_or_model if isinstance(learn_or_model, Learner) else None
     model = learn.model if learn is not None else learn_or_model
@@ -150,6 +152,10 @@ def evaluate(learn_or_model,                 # a `Learner`, a model with a `back
     counts = [shots] if isinstance(shots, int) else list(shots)
     if not counts or min(counts) < 1: raise ValueError(f"shot counts must be at least 1, got {shots}")
     dl = chunked_episode_dl(splits, split, ways, max(counts), queries, episodes, seed, chunk, model_device(model))
-    accs = episodic_accuracy(model, dl, shots, probe=probe, chunk=chunk, group=group, progress=progress)
+    if finetune_steps:
+        from .adapt import finetuned_accuracy   # it builds on this module's scorer
+        accs = finetuned_accuracy(model, dl, splits.mean, splits.std, shots, probe, finetune_steps, finetune_lr, chunk, seed,
+                                  progress)
+    else: accs = episodic_accuracy(model, dl, shots, probe=probe, chunk=chunk, group=group, progress=progress)
     results = EvalResults({s: EvalResult(a, ways, s, queries) for s, a in accs.items()})
     return results if not isinstance(shots, int) else results[shots]

@@ -12,18 +12,22 @@ from torch import nn
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import ParamScheduler
+from fastai.callback.training import BnFreeze
+from fastai.data.core import DataLoaders
 from fastai.callback.tracker import EarlyStoppingCallback, ReduceLROnPlateau
 from fastai.learner import Learner, Recorder
 from fastai.optimizer import SGD, Adam, OptimWrapper, RAdam
 from fastcore.basics import patch
 
 from .callbacks import AMP, EpisodicEval, StopOnNaN, TaskAccuracy
+from .data.core import FewShotSplits, Split
 from .data.tasks import local_labels
 from .distributed import MTLDistributedTrainer, rank
 from .models import create_backbone
+from .pretrained import follow_input, input_config, mtl_splitter
 from .runlog import EpochTable, interactive
 
-__all__ = ['MTLModel', 'MultiTaskLoss', 'OPTIMIZERS', 'get_opt', 'MTLLearner', 'mtl_learner', 'plateau_cbs', 'step_sched']
+__all__ = ['MTLModel', 'MultiTaskLoss', 'OPTIMIZERS', 'get_opt', 'MTLLearner', 'InputOnly', 'mtl_learner', 'plateau_cbs', 'step_sched']
 
 
 class MTLModel(nn.Module):
@@ -136,6 +140,19 @@ class MTLLearner(Learner):
         if rank(): self.remove_cbs([cb for cb in self.cbs if isinstance(cb, (ProgressCallback, EpochTable))])
         return self
 
+    def export(self,
+               fname='export.pkl',  # file name, under the learner's `path`
+               **kwargs):           # passed to fastai's `Learner.export` (pickle_module, pickle_protocol)
+        "fastai's `export` for inference; of the DataLoaders only the input (size, mean, std) goes in, as `InputOnly`."
+        # fastai's transforms dispatch through locks that cannot be pickled: the loaders stay behind
+        old, self.dls = self.dls, InputOnly.of(self.dls)
+        evals = [(cb, cb._dl) for cb in self.cbs if isinstance(cb, EpisodicEval)]
+        for cb, _ in evals: cb._dl = None
+        try: super().export(fname, **kwargs)
+        finally:
+            self.dls = old
+            for cb, dl in evals: cb._dl = dl
+
     def _do_fit(self):
         from fastai.callback.core import CancelEpochException
         start = getattr(self, '_start_epoch', 0)
@@ -144,6 +161,23 @@ class MTLLearner(Learner):
         for epoch in range(start, self.n_epoch):
             self.epoch = epoch
             self._with_events(self._do_epoch, 'epoch', CancelEpochException)
+
+
+class InputOnly(DataLoaders):
+    "No loaders, only `splits`: an empty benchmark that keeps the input (size, mean, std) of an exported learner."
+    @classmethod
+    def of(cls, dls):  # DataLoaders from `mtl_dls`
+        "The input of `dls` (its `splits`' size, mean, std and interpolation), without images."
+        s = dls.splits
+        empty = lambda: Split(np.zeros((0, s.train.image_size(), s.train.image_size(), 3), np.uint8), [], [])
+        res = cls(path=dls.path, device=dls.device)
+        res.splits = FewShotSplits(s.name, empty(), empty(), empty(), tuple(s.mean), tuple(s.std),
+                                   input_size=s.input_size, interpolation=s.interpolation)
+        return res
+
+    def new_empty(self):
+        "Itself: there are no loaders to empty."
+        return self
 
 
 def plateau_cbs(patience: int = 4,         # epochs without a gain in `monitor` before the learning rate drops
@@ -223,14 +257,23 @@ def mtl_learner(dls,                          # DataLoaders from `mtl_dls`
                 eval_every: int = 1,          # score the validation episodes every this many epochs
                 precision: str = 'fp32',      # 'fp32', 'fp16' or 'bf16' (mixed precision of training batches)
                 channels_last: bool = False,  # the model and its inputs in channels-last memory format
+                size: int | None = None,      # side of the model's input; None: the pretrained model's, else the data's
+                mean=None,                    # per-channel mean; None: the pretrained model's, else the benchmark's
+                std=None,                     # per-channel std; None: the pretrained model's, else the benchmark's
+                interpolation: str | None = None,  # filter of the batch resize; None: the pretrained model's, else bilinear
+                train_bn: bool = True,        # train batch-norm layers of a frozen backbone (False also keeps their statistics)
                 **kwargs                      # passed to fastai's `Learner`
-                ) -> MTLLearner:              # call `fit_one_cycle`, `fit_plateau`, `evaluate` ... on it
+                ) -> MTLLearner:              # call `fit_one_cycle`, `fine_tune`, `fit_plateau`, `evaluate` ... on it
     "A fastai Learner that trains a backbone by multi-task learning on `dls`, scored on its validation episodes (`episodic_acc`)."
     splits = getattr(dls, 'splits', None)
     if splits is None: raise ValueError("mtl_learner needs DataLoaders made by mtl_dls (they carry dls.splits)")
     opt_func = opt if callable(opt) else get_opt(opt)
     if precision not in ('fp32', 'fp16', 'bf16'): raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
     backbone, nf = create_backbone(arch, pretrained, **(arch_kwargs or {}))
+    given = dict(size=size, mean=mean, std=std, interpolation=interpolation)
+    if pretrained: follow_input(dls, **input_config(backbone, **given))
+    elif any(v is not None for v in given.values()):
+        follow_input(dls, size or splits.size, mean or splits.mean, std or splits.std, interpolation or splits.interpolation)
     train, valid = dls.train, dls.valid
     model = MTLModel(backbone, nf, splits.train.n_classes, train.ways, norm_train_features)
     evals = EpisodicEval(every=eval_every, episodes=valid.n, ways=valid.ways, shots=dls.test_shots, queries=valid.queries,
@@ -238,8 +281,10 @@ def mtl_learner(dls,                          # DataLoaders from `mtl_dls`
     extra = [evals, TaskAccuracy(), StopOnNaN()]
     if precision != 'fp32': extra.append(AMP(precision))
     if channels_last: extra.append(ChannelsLast())
+    # fastai's convention: a frozen backbone's batch-norm layers train, unless train_bn=False, which also keeps their statistics
+    if not train_bn: extra.append(BnFreeze())
     learn = MTLLearner(dls, model, loss_func=MultiTaskLoss(train.ways, train.per_class), opt_func=opt_func, lr=lr, wd=wd,
-                       cbs=extra + list(cbs or []), **kwargs)
+                       splitter=mtl_splitter, train_bn=train_bn, cbs=extra + list(cbs or []), **kwargs)
     if not interactive() and hasattr(learn, 'progress'):
         # bars redrawn into a file or a scheduler's log are noise: there, the epoch table alone
         learn.remove_cb(learn.progress)

@@ -1,5 +1,6 @@
 "`train(...)`: the one-line call that builds the data and the learner, trains and tests the best checkpoint; `evaluate_checkpoint`."
 from __future__ import annotations
+import dataclasses
 import difflib
 import sys
 import time
@@ -19,6 +20,7 @@ from .distributed import broadcast_object, init_distributed, is_main, local_batc
 from .evaluate import EvalResults, evaluate
 from .learner import get_opt, mtl_learner
 from .files import RunLock
+from .pretrained import FrozenEpochs
 from .probe import get_probe
 from .runlog import RunCSVLogger, quiet, tensorboard_cb, wandb_cb, write_json
 
@@ -33,7 +35,8 @@ OPTIONS = {
     'algorithm': ('mtl', 'training algorithm: mtl'),
     'model': ('resnet12', 'backbone: resnet12 or any timm architecture name'),
     'model_kwargs': (None, 'keyword arguments of the architecture (timm.create_model), a dict'),
-    'pretrained': (False, 'True: timm hub weights; a path: a local weights file'),
+    'pretrained': (False, 'True: timm hub weights; a path: a local weights file. Images then get the model\'s size, mean and std'),
+    'freeze_epochs': (0, 'train only the head (backbone frozen, as fastai\'s freeze) for this many first epochs'),
     'gpu': (None, 'CUDA device number; None: the GPU when there is one; without CUDA training falls back to the CPU'),
     'sync_bn': (False, 'several GPUs: BatchNorm statistics over the batches of all processes (SyncBatchNorm)'),
     'seed': (0, 'seeds the initialisation and the training tasks, and fixes the validation and test episodes'),
@@ -134,7 +137,8 @@ def _options(given: dict, base: dict | None = None) -> dict:
 # numeric options: name -> (the least value, what it counts); None where the option may also be None
 _LEAST = {'train_ways': 2, 'test_ways': 2, 'train_shots': 0, 'train_queries': 0, 'test_shots': 1, 'test_queries': 1,
           'meta_batch_size': 1, 'epoch_length': 1, 'val_epoch_length': 1, 'final_test_epoch_length': 1, 'max_epochs': 0,
-          'decay_patience': 1, 'stop_patience': 1, 'seed': 0, 'size': 8, 'num_workers': 0, 'weight_decay': 0.}
+          'decay_patience': 1, 'stop_patience': 1, 'seed': 0, 'size': 8, 'num_workers': 0, 'weight_decay': 0.,
+          'freeze_epochs': 0}
 _POSITIVE = ('lr', 'test_l2', 'decay_rate')
 _TEST_OPTIONS = ('test_ways', 'test_shots', 'test_queries', 'final_test_epoch_length', 'seed', 'size', 'num_workers',
                  'test_l2')
@@ -186,11 +190,13 @@ def _plain(cfg: dict) -> dict:
 
 
 def _dls(cfg, device):
+    # a pretrained model's size is served by resizing batches on the device (mtl_learner); folders of mixed sizes load at `size`
+    size = None if cfg['pretrained'] and cfg['dataset'] != 'folder' else cfg['size']
     return mtl_dls(cfg['dataset'], root=cfg['root'], train_ways=cfg['train_ways'], train_shots=cfg['train_shots'],
                    train_queries=cfg['train_queries'], meta_batch_size=cfg['meta_batch_size'],
                    epoch_length=cfg['epoch_length'], test_ways=cfg['test_ways'], test_shots=cfg['test_shots'],
                    test_queries=cfg['test_queries'], val_episodes=cfg['val_epoch_length'],
-                   test_episodes=cfg['final_test_epoch_length'], size=cfg['size'], seed=cfg['seed'],
+                   test_episodes=cfg['final_test_epoch_length'], size=size, seed=cfg['seed'],
                    num_workers=cfg['num_workers'], device=device)
 
 
@@ -253,7 +259,8 @@ def _learner(cfg, device):
                         wd=cfg['weight_decay'], arch_kwargs=cfg['model_kwargs'],
                         probe=get_probe(cfg['test_method'], cfg['test_l2']),
                         precision='fp16' if cfg['fp16'] else 'bf16' if cfg['bf16'] else 'fp32',
-                        channels_last=cfg['channels_last'])
+                        channels_last=cfg['channels_last'], size=cfg['size'] if cfg['pretrained'] else None)
+    if cfg['freeze_epochs']: learn.add_cb(FrozenEpochs(cfg['freeze_epochs']))
     return learn if cfg['progress'] else quiet(learn)
 
 
@@ -322,8 +329,8 @@ def _train_in(cfg, resumed, run_dir) -> TrainResult:
     splits, model = learn.dls.splits, learn.model
     if cfg['load_path'] and resumed is None: _load_weights(model, read_checkpoint(cfg['load_path']), cfg['load_path'])
     meta = dict(arch=cfg['model'], arch_kwargs=dict(cfg['model_kwargs'] or {}), size=splits.size, mean=list(splits.mean),
-                std=list(splits.std), n_base=splits.train.n_classes, norm_train_features=cfg['norm_train_features'],
-                config=_plain(cfg))
+                std=list(splits.std), interpolation=splits.interpolation, n_base=splits.train.n_classes,
+                norm_train_features=cfg['norm_train_features'], config=_plain(cfg))
     ckpt = Checkpoints(run_dir, meta, resume=resumed)
     learn.add_cb(ckpt)
     cbs = _loggers(cfg, run_dir, resumed)
@@ -363,6 +370,10 @@ def evaluate_checkpoint(load_path,  # a checkpoint file (best.pth, last.pth) or 
     backbone = backbone_from_checkpoint(st, p / 'best.pth' if p.is_dir() else p)
     init_distributed()   # under torchrun, each process tests its share of the episodes
     splits = get_benchmark(cfg['dataset'], root=cfg['root'])
-    if cfg['size'] is not None:
+    if cfg['size'] is not None and not cfg['pretrained']:
         for s in ('train', 'val', 'test'): splits[s].size = cfg['size']
+    # a pretrained backbone's input (its size, mean and std), as its checkpoint records it
+    if cfg['pretrained']:
+        splits = dataclasses.replace(splits, mean=tuple(st['mean']), std=tuple(st['std']), input_size=st['size'],
+                                     interpolation=st.get('interpolation', 'bilinear'))
     return _final_test(backbone.to(_device(cfg['gpu'])), splits, cfg, cfg['progress'])

@@ -2,6 +2,7 @@
 import numpy as np
 import timm
 import torch
+from PIL import Image, ImageDraw
 from fsmtl.data.core import FewShotSplits, Split
 
 
@@ -29,3 +30,34 @@ class Classifier(torch.nn.Module):
         self.head = torch.nn.Linear(self.backbone.num_features, n_classes)
 
     def forward(self, x): return self.head(self.backbone(x))
+
+
+SHAPES = dict(train=['tri', 'hex', 'ring', 'bar'], val=['star', 'cross', 'vbar'], test=['x', 'circle', 'sq'])
+
+
+def shapes_folder(folder, per_class=20, seed=0):
+    "Write a folder benchmark of `SHAPES` (train/val/test folders of class folders of PNGs) to `folder`."
+    rng = np.random.default_rng(seed)
+    for split, names in SHAPES.items():
+        for n in names:
+            (folder / split / n).mkdir(parents=True)
+            for i in range(per_class): draw_shape(n, rng).save(folder / split / n / f'{i}.png')
+    return folder
+
+
+def draw_shape(name, rng, size=32):
+    "A dark shape `name` on a light ground, at a random size, place, rotation and shade."
+    im = Image.new('L', (size, size), int(rng.integers(200, 256)))
+    d, fg = ImageDraw.Draw(im), int(rng.integers(0, 60))
+    r = rng.uniform(8, 13); cx, cy = rng.uniform(r + 1, size - r - 1, 2); rot = rng.uniform(0, 2 * np.pi)
+    if name in ('tri', 'sq', 'hex', 'star'):
+        n = {'tri': 3, 'sq': 4, 'hex': 6, 'star': 10}[name]
+        rad = [r * (0.45 if name == 'star' and i % 2 else 1) for i in range(n)]
+        d.polygon([(cx + q * np.cos(rot + 2 * np.pi * i / n), cy + q * np.sin(rot + 2 * np.pi * i / n))
+                   for i, q in enumerate(rad)], fill=fg)
+    elif name == 'circle': d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
+    elif name == 'ring': d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fg, width=3)
+    else:
+        for t in {'cross': [0, np.pi / 2], 'x': [np.pi / 4, 3 * np.pi / 4], 'bar': [0], 'vbar': [np.pi / 2]}[name]:
+            d.line([(cx - r * np.cos(t), cy - r * np.sin(t)), (cx + r * np.cos(t), cy + r * np.sin(t))], fill=fg, width=4)
+    return im.convert('RGB')

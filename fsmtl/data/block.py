@@ -45,7 +45,8 @@ def mtl_block(splits: FewShotSplits,   # the benchmark
               augment: bool = True):   # Lee19 augmentation on training batches
     "A DataBlock over the images of all three splits: an image and its class name per item, with Lee19 batch transforms."
     pool = _Pool(splits)
-    tfms = lee19_tfms(splits.size, splits.mean, splits.std, augment=augment)  # its IntToFloatTensor merges with ImageBlock's
+    tfms = lee19_tfms(splits.train.image_size(), splits.mean, splits.std, augment=augment, input_size=splits.input_size,
+                      interpolation=splits.interpolation)  # its IntToFloatTensor merges with ImageBlock's
     # DataBlock binds the functions it is given to itself: hand it plain functions, not the pool's methods
     return DataBlock(blocks=(ImageBlock, CategoryBlock(vocab=pool.vocab, sort=False)),
                      get_items=lambda _: list(range(pool.starts[-1])), splitter=lambda o: pool.split_items(o),

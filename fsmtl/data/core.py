@@ -82,6 +82,8 @@ class FewShotSplits:
     mean: tuple = (0.5, 0.5, 0.5)              # per-channel mean of images in 0..1, for normalisation
     std: tuple = (0.25, 0.25, 0.25)            # per-channel std of images in 0..1
     meta: dict = field(default_factory=dict)   # anything else worth keeping (source, superclasses, scripts)
+    input_size: int | None = None              # side the model takes, resized a batch at a time on the device; None: as loaded
+    interpolation: str = 'bilinear'            # the filter of that resize
 
     def __post_init__(self):
         seen = {}
@@ -96,7 +98,9 @@ class FewShotSplits:
         return getattr(self, split)
 
     @property
-    def size(self): return self.train.image_size()
+    def size(self):
+        "Side of the images the model sees: `input_size` when set, else that of the loaded images."
+        return self.input_size or self.train.image_size()
 
     def __repr__(self):
         parts = ', '.join(f"{s}: {self[s].n_classes} classes / {len(self[s])} images" for s in SPLITS)

@@ -7,7 +7,7 @@ from fastai.data.transforms import IntToFloatTensor, Normalize
 from fastai.vision.core import TensorImage
 from fasttransform import Transform
 
-__all__ = ['BatchCropFlip', 'BatchColorJitter', 'NormalizeInPlace', 'lee19_padding', 'lee19_tfms', 'rgb_to_gray']
+__all__ = ['BatchCropFlip', 'BatchColorJitter', 'BatchResize', 'NormalizeInPlace', 'lee19_padding', 'lee19_tfms', 'rgb_to_gray']
 
 BRIGHTNESS, CONTRAST, SATURATION = 0, 1, 2  # torchvision's ColorJitter operations; hue is off in Lee19
 
@@ -97,16 +97,40 @@ class BatchColorJitter(Transform):
         return x
 
 
+class BatchResize(Transform):
+    "Resize a float batch in 0..1 to `size` x `size` on its device, as a model's pretrained input needs: one call a batch."
+    order = 11   # after IntToFloatTensor (10) and the crop at the stored size, so that the crop's padding scales with it
+
+    def __init__(self,
+                 size: int,                         # side of the square images the model takes
+                 interpolation: str = 'bilinear'):  # 'bilinear', 'bicubic' or 'nearest', as timm's configs name them
+        super().__init__()
+        if interpolation not in ('bilinear', 'bicubic', 'nearest'):
+            raise ValueError(f"interpolation must be bilinear, bicubic or nearest, got {interpolation!r}")
+        self.size, self.interpolation = int(size), interpolation
+
+    def encodes(self, x: TensorImage):
+        if x.shape[-2:] == (self.size, self.size): return x
+        smooth = self.interpolation != 'nearest'
+        # antialiasing only matters when shrinking; bicubic overshoots 0..1, which the colour jitter expects
+        y = F.interpolate(x.as_subclass(torch.Tensor), size=(self.size, self.size), mode=self.interpolation,
+                          align_corners=False if smooth else None, antialias=smooth and x.shape[-1] > self.size)
+        return TensorImage(y.clamp_(0, 1))
+
+
 class NormalizeInPlace(Normalize):
     "fastai's `Normalize`, in place on the float batch the pipeline has just made: it spares two batch-sized tensors."
     def encodes(self, x: TensorImage): return x.sub_(self.mean).div_(self.std)
 
 
-def lee19_tfms(size: int,              # side of the square images
+def lee19_tfms(size: int,              # side of the square images, as stored (or loaded)
                mean,                   # per-channel means of the benchmark, images in 0..1
                std,                    # per-channel standard deviations, images in 0..1
-               augment: bool = True):  # add the training augmentation
-    "The batch transforms of a benchmark: crop and flip, to float, colour jitter, normalisation (augmentation in training only)."
+               augment: bool = True,   # add the training augmentation
+               input_size: int | None = None,    # resize each batch on its device to this side; None: keep `size`
+               interpolation: str = 'bilinear'):  # the resize's filter
+    "The batch transforms of a benchmark: crop and flip, to float, resize, colour jitter, normalisation (augmentation in training only)."
     aug = [BatchCropFlip(pad=lee19_padding(size)), BatchColorJitter()] if augment else []
+    resize = [BatchResize(input_size, interpolation)] if input_size is not None and input_size != size else []
     # colour jitter commutes with the flip, so flipping with the crop leaves Lee19's crop-jitter-flip result unchanged
-    return sorted([IntToFloatTensor(), *aug, NormalizeInPlace.from_stats(mean, std, cuda=False)], key=lambda t: t.order)
+    return sorted([IntToFloatTensor(), *aug, *resize, NormalizeInPlace.from_stats(mean, std, cuda=False)], key=lambda t: t.order)

@@ -1,0 +1,78 @@
+"A pretrained backbone's own input (size, mean, std, interpolation), fastai's splitter over timm's stages, and frozen first epochs."
+from __future__ import annotations
+import dataclasses
+
+from fastai.callback.core import Callback
+from fastai.learner import Recorder
+from fasttransform import Pipeline
+from torch import nn
+
+from .data.transforms import lee19_tfms
+
+__all__ = ['input_config', 'follow_input', 'mtl_splitter', 'FrozenEpochs']
+
+
+def input_config(backbone: nn.Module,             # a timm model (pretrained or not)
+                 size: int | None = None,         # the user's side of the input; None: the model's
+                 mean=None,                       # the user's per-channel mean; None: the model's
+                 std=None,                        # the user's per-channel std; None: the model's
+                 interpolation: str | None = None  # the user's resize filter; None: the model's
+                 ) -> dict:                       # size, mean, std, interpolation
+    "The input `backbone` was pretrained on, from timm's `resolve_model_data_config`, with what the user gives put first."
+    from timm.data import resolve_model_data_config
+    cfg = resolve_model_data_config(backbone)
+    given = dict(size=size, mean=mean, std=std, interpolation=interpolation)
+    model = dict(size=int(cfg['input_size'][-1]), mean=tuple(cfg['mean']), std=tuple(cfg['std']),
+                 interpolation=cfg.get('interpolation', 'bilinear'))
+    out = {k: model[k] if v is None else v for k, v in given.items()}
+    # timm also names 'bilinear'/'bicubic' filters that torch's batch resize lacks ('random', 'lanczos' ...)
+    if out['interpolation'] not in ('bilinear', 'bicubic', 'nearest'): out['interpolation'] = 'bicubic'
+    out['mean'], out['std'] = tuple(float(m) for m in out['mean']), tuple(float(s) for s in out['std'])
+    return out
+
+
+def follow_input(dls,                            # DataLoaders from `mtl_dls`
+                 size: int,                      # side of the images the model takes
+                 mean,                           # per-channel mean of images in 0..1
+                 std,                            # per-channel std of images in 0..1
+                 interpolation: str = 'bilinear'):  # the filter of the batch resize
+    "Serve `dls`'s batches at `size` (resized a batch at a time on the device) and normalised by `mean`, `std`."
+    s = dls.splits
+    # a new `FewShotSplits` over the same images: other DataLoaders built on the old one keep their input
+    dls.splits = dataclasses.replace(s, mean=tuple(mean), std=tuple(std), input_size=int(size), interpolation=interpolation)
+    stored = s.train.image_size()
+    for dl in dls.loaders:
+        dl.after_batch = Pipeline(lee19_tfms(stored, mean, std, augment=True, input_size=int(size),
+                                             interpolation=interpolation), split_idx=getattr(dl.dataset, 'split_idx', None))
+    return dls
+
+
+def _stage_params(backbone: nn.Module) -> list:
+    "The backbone's parameters in timm's `group_matcher` stages (stem first), or all in one group without one."
+    if not hasattr(backbone, 'group_matcher'): return [list(backbone.parameters())]
+    from timm.models import group_parameters
+    names = group_parameters(backbone, backbone.group_matcher(coarse=True))
+    params = dict(backbone.named_parameters())
+    return [[params[n] for n in group] for group in names.values() if group]
+
+
+def mtl_splitter(model: nn.Module  # an `MTLModel`: a `backbone` and a `head`
+                 ) -> list:        # lists of parameters, the head last
+    "fastai's parameter groups of an MTL model: the backbone's timm stages (one group without a `group_matcher`), then the head."
+    return _stage_params(model.backbone) + [[model.head]]
+
+
+class FrozenEpochs(Callback):
+    "Train the head only (fastai's `freeze`) for the first `epochs` epochs of a fit, then everything: one fit, so it resumes."
+    order = Recorder.order + 1
+
+    def __init__(self, epochs: int = 1):  # epochs with the backbone frozen
+        self.epochs, self.frozen = epochs, False
+
+    # the optimiser's own freeze_to: `Learner.freeze` would also clear its state, which a resumed run must keep
+    def before_epoch(self):
+        if self.epoch < self.epochs and not self.frozen: self.learn.opt.freeze_to(-1); self.frozen = True
+        elif self.epoch >= self.epochs and self.frozen: self.learn.opt.freeze_to(0); self.frozen = False
+
+    def after_fit(self):
+        if self.frozen: self.learn.opt.freeze_to(0); self.frozen = False
