@@ -132,8 +132,12 @@ class MTLDistributedTrainer(DistributedTrainer):
     "fastai's `DistributedTrainer` for MTL: each rank trains on its share of a step's tasks, and scores its share of the episodes."
     def __init__(self, sync_bn=False,   # batch statistics over all processes (`nn.SyncBatchNorm`, GPUs only)
                  **kwargs):             # passed to accelerate's `Accelerator`
+        from accelerate import DistributedDataParallelKwargs
+        # fastai's freeze (`freeze_epochs`, `fine_tune`) leaves the backbone without gradients for whole epochs, and DDP
+        # then waits for them unless it looks for unused parameters
+        handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
         # without `cpu`, accelerate runs CPU processes side by side, each training alone
-        super().__init__(sync_bn, **{'cpu': not torch.cuda.is_available(), **kwargs})
+        super().__init__(sync_bn, **{'cpu': not torch.cuda.is_available(), 'kwargs_handlers': handlers, **kwargs})
 
     def before_fit(self):
         if self.sync_bn and self.accelerator.device.type == 'cpu':

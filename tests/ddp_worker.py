@@ -1,7 +1,7 @@
 """A process of a torchrun launch in tests/test_distributed.py: `torchrun --nproc_per_node 2 tests/ddp_worker.py MODE OUT ROOT`.
 
-parts: the episodic accuracy of fixed weights, then one training step of an MTL learner under `distrib_ctx`, each
-process writing what it saw to OUT/rank{r}.pt. fail: `fsmtl train` on glyphs in ROOT, rank 1 failing to load a task.
+parts: the episodic accuracy of fixed weights, then one training step of an MTL learner under `distrib_ctx`, then an
+epoch frozen and one not, each process writing what it saw to OUT/rank{r}.pt. fail: `fsmtl train` on glyphs in ROOT, rank 1 failing to load a task.
 """
 import sys
 
@@ -15,6 +15,7 @@ from fsmtl.distributed import init_distributed, rank, rank_seed
 from fsmtl.evaluate import evaluate
 from fsmtl.learner import mtl_learner
 from fsmtl.models import create_backbone
+from fsmtl.pretrained import FrozenEpochs
 from fsmtl.runlog import quiet
 
 CHANNELS = (8, 16, 16, 32)
@@ -43,8 +44,11 @@ def parts(out, root):
     init = {k: v.clone() for k, v in learn.model.state_dict().items()}
     set_seed(rank_seed(0, rank()))   # each process draws its own tasks, as `train` does
     with learn.distrib_ctx(sync_bn=False): learn.fit(1)
-    torch.save(dict(accs=accs, init=init, batches=learn.batches.seen, final=learn.model.state_dict(),
-                    history=learn.recorder.history().to_dict('list')), f'{out}/rank{rank()}.pt')
+    seen = dict(accs=accs, init=init, batches=learn.batches.seen, final={k: v.clone() for k, v in learn.model.state_dict().items()},
+                history=learn.recorder.history().to_dict('list'))
+    # an epoch with the backbone frozen (no gradients for DDP to wait for), then one with all of it
+    with learn.distrib_ctx(sync_bn=False): learn.fit(2, cbs=[FrozenEpochs(1)])
+    torch.save(dict(seen, thawed=learn.model.state_dict()), f'{out}/rank{rank()}.pt')
 
 
 def fail(out, root):

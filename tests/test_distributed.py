@@ -79,7 +79,7 @@ def test_one_step_on_two_processes_is_one_process_step_on_all_the_tasks(parts, g
     # what every rank records is of all the step's tasks: the mean loss and the task accuracy over both halves
     hist = parts[0]['history']
     assert parts[1]['history'] == hist
-    assert hist['train_loss'] == [pytest.approx(float(sum(l for l, _ in halves)) / 2, rel=1e-5)]
+    assert hist['train_loss'] == [pytest.approx(float(sum(l.detach() for l, _ in halves)) / 2, rel=1e-5)]
     correct = sum(int((logits.argmax(1) == y).sum()) for _, (logits, y) in halves)
     assert hist['task_acc'] == [correct / (len(y0) + len(y1))]
     expected = {k: p.detach() - W.LR * (g0 + g1) / 2 for (k, p), g0, g1 in zip(params.items(), *grads)}
@@ -88,6 +88,12 @@ def test_one_step_on_two_processes_is_one_process_step_on_all_the_tasks(parts, g
     for k, v in expected.items():
         assert not torch.equal(v, parts[0]['init'][k]), k   # the step moved every parameter
         torch.testing.assert_close(f0[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_a_frozen_epoch_then_a_thawed_one_keep_the_ranks_equal(parts):
+    t0, t1, before = parts[0]['thawed'], parts[1]['thawed'], parts[0]['final']
+    for k in t0: assert torch.equal(t0[k], t1[k]), k
+    assert not torch.equal(t0['backbone.layer1.0.conv1.weight'], before['backbone.layer1.0.conv1.weight'])
 
 
 def test_episodic_acc_of_the_step_is_one_process_s_on_its_weights(parts, glyph_splits):
