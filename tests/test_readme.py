@@ -1,6 +1,7 @@
 "Every code block of README.md runs: Python blocks in one namespace, shell blocks that call `fsmtl` by the installed command."
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,8 @@ BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, flags=re.S)
 def python_blocks():
     "Run the Python blocks in order, in one namespace; the shell blocks use the files they write."
     blocks = [code for lang, code in BLOCKS if lang == 'python']
+    # the README's runs go to /tmp/fsmtl-runs, and fsmtl refuses a new run into a folder that holds one: start afresh
+    shutil.rmtree('/tmp/fsmtl-runs', ignore_errors=True)
     ns = {}
     for code in blocks: exec(compile(code, 'README.md', 'exec'), ns)
     return blocks
