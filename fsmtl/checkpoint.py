@@ -16,7 +16,7 @@ from .distributed import gather_objects, is_main, rank, unwrap, world
 from .files import write_atomic
 
 __all__ = ['save_atomic', 'read_checkpoint', 'load_weights', 'backbone_from_checkpoint', 'Checkpoints', 'rng_state',
-           'set_rng_state']
+           'set_rng_state', 'own_rng_state']
 
 
 def save_atomic(obj,   # what to save: a state dict, or any object `torch.save` takes
@@ -106,8 +106,9 @@ def set_rng_state(st: dict):  # the states `rng_state` returned
     if 'cuda' in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st['cuda'])
 
 
-def _own_rng(st: dict) -> dict:
-    "This process's generator states in checkpoint `st`, which must come from a run of as many processes."
+def own_rng_state(st: dict  # a `last.pth` read by `read_checkpoint`
+                  ) -> dict:
+    "This process's generator states in `last.pth` `st`; a `ValueError` with the fix when its run had another number of processes."
     states = st.get('rng_ranks') or [st['rng']]
     if len(states) != world():
         raise ValueError(f"this run was trained on {len(states)} process(es) and is resumed on {world()}: resume it on "
@@ -165,7 +166,7 @@ class Checkpoints(Callback):
         for cb, state in zip(self._trackers(), st['trackers']):
             cb.best, cb.wait = state['best'], state.get('wait', 0)
         self.learn.opt.set_hypers(lr=st['lr'])
-        set_rng_state(_own_rng(st))
+        set_rng_state(own_rng_state(st))
 
     def _trackers(self): return [cb for cb in self.learn.cbs if isinstance(cb, TrackerCallback)]
 

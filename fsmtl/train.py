@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from fastai.torch_core import default_device, set_seed
 
-from .checkpoint import Checkpoints, backbone_from_checkpoint, load_weights, read_checkpoint
+from .checkpoint import Checkpoints, backbone_from_checkpoint, load_weights, own_rng_state, read_checkpoint
 from .data.block import mtl_dls
 from .data.benchmarks import get_benchmark
 from .distributed import broadcast_object, init_distributed, is_main, local_batch, rank, rank_seed, world
@@ -246,6 +246,7 @@ def _configure(given: dict):
         return cfg, None, None
     folder = _resume_source(_options(given))
     resumed = read_checkpoint(folder, prefer='last')
+    own_rng_state(resumed)   # on as many processes as the run had, before any work
     cfg = _options({k: v for k, v in given.items() if k != 'resume'}, resumed['config'])
     cfg['resume'] = True
     _check(cfg)

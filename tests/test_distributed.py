@@ -12,7 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
+import fsmtl.train
 from fsmtl.checkpoint import read_checkpoint
+from fsmtl.cli import main
 from fsmtl.data.block import mtl_dls
 from fsmtl.evaluate import evaluate
 from fsmtl.learner import MTLModel, MultiTaskLoss
@@ -162,3 +164,11 @@ def test_a_process_that_fails_ends_the_run_with_its_error(glyph_root, tmp_path):
     assert rc != 0 and time.time() - t0 < 90
     assert "fsmtl train (process 1 of 2): rank 1 cannot read the images of its task" in out
     assert "fsmtl train (process 0 of 2): another process of the run stopped; its own message says why" in out
+
+
+def test_resuming_on_another_number_of_processes_is_refused_before_any_work(straight, monkeypatch, capsys):
+    def no_data(*a, **kw): raise AssertionError("the data was loaded before the processes were counted")
+    monkeypatch.setattr(fsmtl.train, 'mtl_dls', no_data)
+    assert main(['train', '--resume', '--load_path', str(straight[1] / 'straight')]) == 2
+    assert ("fsmtl train: this run was trained on 2 process(es) and is resumed on 1: resume it on 2 (torchrun "
+            "--nproc_per_node 2)") in capsys.readouterr().err
