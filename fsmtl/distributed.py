@@ -161,7 +161,8 @@ class MTLDistributedTrainer(DistributedTrainer):
     def after_train(self):
         acc = getattr(self.learn, 'task_accuracy', None)
         if acc is None or not acc.total: return
-        counts = torch.tensor([float(acc.correct), float(acc.total)], device=self.accelerator.device)
+        # task_acc over all the epoch's tasks, as in one process
+        counts = torch.tensor([int(acc.correct), int(acc.total)], device=self.accelerator.device)
         acc.correct, acc.total = (int(v) for v in self.accelerator.reduce(counts, 'sum').tolist())
 
     def before_validate(self):
