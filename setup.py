@@ -15,5 +15,5 @@ setuptools.setup(
     packages=setuptools.find_packages(include=['fsmtl', 'fsmtl.*']), include_package_data=True,
     install_requires=req('requirements'),
     extras_require={k: req(f'{k}_requirements') for k in ('dev', 'wandb', 'optim', 'tensorboard')},
-    entry_points={'console_scripts': req('console_scripts'), 'nbdev': [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
+    entry_points={'console_scripts': req('console_scripts')},
     zip_safe=False)

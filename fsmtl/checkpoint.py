@@ -124,7 +124,7 @@ def _tree(o):
     return o.item() if isinstance(o, np.generic) else o   # fastai's schedules set hyper-parameters as numpy floats
 
 
-def _plain(v):
+def _float(v):
     "A history value as a plain float (or None), as `weights_only` loading admits."
     return None if v is None else float(v)
 
@@ -177,10 +177,10 @@ class Checkpoints(Callback):
 
     def _state(self, epoch: int, value) -> dict:
         model = unwrap(self.learn.model)
-        return dict(self.meta, epoch=epoch, monitor=self.monitor, value=_plain(value),
+        return dict(self.meta, epoch=epoch, monitor=self.monitor, value=_float(value),
                     backbone={k: v.detach().cpu() for k, v in model.backbone.state_dict().items()},
                     head=model.head.detach().cpu(), metric_names=list(self.learn.recorder.metric_names),
-                    history=[[_plain(x) for x in v] for v in self.learn.recorder.values])
+                    history=[[_float(x) for x in v] for v in self.learn.recorder.values])
 
     def after_epoch(self): self._save()
 
@@ -205,6 +205,6 @@ class Checkpoints(Callback):
         # the best file is the last one's weights and history; the last adds what resuming needs
         last = dict(st, opt=_tree(opt.state_dict()), lr=float(opt.hypers[-1]['lr']), best=self.best, rng=rngs[0],
                     smooth_loss=(sl.count, torch.as_tensor(sl.val).detach().cpu()),
-                    trackers=[dict(best=_plain(cb.best), wait=getattr(cb, 'wait', 0)) for cb in self._trackers()])
+                    trackers=[dict(best=_float(cb.best), wait=getattr(cb, 'wait', 0)) for cb in self._trackers()])
         if len(rngs) > 1: last['rng_ranks'] = rngs
         save_atomic(last, self.last_path)

@@ -43,7 +43,7 @@ class _Probe:
             y):  # their labels 0..W-1, (E, n) or (n,)
         "Fit on support features `x` (E, n, D) or (n, D) with labels `y` in 0..W-1; returns the probe."
         x, y, self.single = _episodes(x, y)
-        self.ways = _n_classes(y)
+        self.ways, self.episodes = _n_classes(y), len(x)
         self._fit(x, y)
         return self
 
@@ -51,6 +51,7 @@ class _Probe:
         "Class scores of query features `x` (E, m, D) or (m, D), for the episodes the probe was fitted on."
         if not hasattr(self, 'ways'): raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(support, labels) first")
         x, _, single = _episodes(x)
+        if len(x) != self.episodes: raise ValueError(f"the probe was fitted on {self.episodes} episodes, got queries of {len(x)}")
         out = self._logits(x)
         return out[0] if single else out
 
@@ -69,17 +70,16 @@ class LogisticProbe(_Probe):
                  C: float = 3.,          # inverse regularisation strength, as scikit-learn's `C`
                  tol: float = 1e-6,      # stop when every episode's largest gradient entry is below this
                  max_iter: int = 50,     # Newton steps at most
-                 chunk: int | None = None):   # episodes solved together; None: 256 on the CPU (cache-sized), 4096 on a GPU
-        self.C, self.tol, self.max_iter, self.chunk = C, tol, max_iter, chunk
+                 episodes_per_solve: int | None = None):  # solved together; None: 256 on the CPU (cache-sized), 4096 on a GPU
+        self.C, self.tol, self.max_iter, self.episodes_per_solve = C, tol, max_iter, episodes_per_solve
 
     def _fit(self, x, y):
-        # on a GPU the work is many small kernels, so larger chunks mean fewer launches
-        chunk = self.chunk or (256 if x.device.type == 'cpu' else 4096)
-        W, b = zip(*[self._solve(*c) for c in zip(x.split(chunk), y.split(chunk))])
+        # on a GPU the work is many small kernels, so more episodes a solve mean fewer launches
+        n = self.episodes_per_solve or (256 if x.device.type == 'cpu' else 4096)
+        W, b = zip(*[self._solve(*c) for c in zip(x.split(n), y.split(n))])
         self.W, self.b = torch.cat(W), torch.cat(b).to(x.dtype)
 
     def _logits(self, x):
-        if len(x) != len(self.W): raise ValueError(f"the probe was fitted on {len(self.W)} episodes, got queries of {len(x)}")
         return torch.baddbmm(self.b[:, None], x, self.W.transpose(1, 2))
 
     def _solve(self, x, y):
@@ -183,7 +183,6 @@ class SklearnProbe(_Probe):
                        for a, b in zip(xs, ys)]
 
     def _logits(self, x):
-        if len(x) != len(self.models): raise ValueError(f"the probe was fitted on {len(self.models)} episodes, got queries of {len(x)}")
         # predict_log_proba gives logits up to a per-image constant, which softmax and argmax ignore
         out = np.stack([m.predict_log_proba(a) for m, a in zip(self.models, x.detach().cpu().double().numpy())])
         return torch.from_numpy(out).to(self.device, self.dtype)
@@ -200,7 +199,6 @@ class PrototypeProbe(_Probe):
         self.protos = F.normalize(means, dim=-1)
 
     def _logits(self, x):
-        if len(x) != len(self.protos): raise ValueError(f"the probe was fitted on {len(self.protos)} episodes, got queries of {len(x)}")
         return self.scale * F.normalize(x, dim=-1) @ self.protos.transpose(1, 2)
 
 

@@ -184,7 +184,7 @@ def _device(gpu):
     return torch.device('cuda', int(gpu))
 
 
-def _plain(cfg: dict) -> dict:
+def _json_config(cfg: dict) -> dict:
     "The configuration with paths as strings, as JSON and `weights_only` checkpoints take it."
     return {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()}
 
@@ -268,10 +268,10 @@ def _learner(cfg, device):
 def _loggers(cfg, run_dir, resumed) -> list:
     "The run's log callbacks (CSV history, TensorBoard, wandb), its config.json written; none with `no_log` or on ranks but 0."
     if cfg['no_log'] or not is_main(): return []
-    write_json(_plain(cfg), run_dir / 'config.json')
+    write_json(_json_config(cfg), run_dir / 'config.json')
     cbs = [RunCSVLogger(run_dir / 'history.csv', append=resumed is not None, keep=resumed['epoch'] if resumed else 0)]
     if (tb := tensorboard_cb(run_dir / 'tensorboard')) is not None: cbs.append(tb)
-    if cfg['wandb']: cbs.append(wandb_cb(run_dir, _plain(cfg), run_dir.name))
+    if cfg['wandb']: cbs.append(wandb_cb(run_dir, _json_config(cfg), run_dir.name))
     return cbs
 
 
@@ -331,7 +331,7 @@ def _train_in(cfg, resumed, run_dir) -> TrainResult:
     if cfg['load_path'] and resumed is None: _load_weights(model, read_checkpoint(cfg['load_path']), cfg['load_path'])
     meta = dict(arch=cfg['model'], arch_kwargs=dict(cfg['model_kwargs'] or {}), size=splits.size, mean=list(splits.mean),
                 std=list(splits.std), interpolation=splits.interpolation, n_base=splits.train.n_classes,
-                norm_train_features=cfg['norm_train_features'], config=_plain(cfg))
+                norm_train_features=cfg['norm_train_features'], config=_json_config(cfg))
     ckpt = Checkpoints(run_dir, meta, resume=resumed)
     learn.add_cb(ckpt)
     cbs = _loggers(cfg, run_dir, resumed)

@@ -248,7 +248,7 @@ def test_few_features_and_duplicates_agree_with_sklearn(ways, C, scale):
     dup = np.concatenate([xs, xs.reshape(12, ways, 5, 8)[:, :, :2].reshape(12, -1, 8).repeat(2, 1)], 1)
     ydup = np.concatenate([ys, np.repeat(np.arange(ways), 2)[None].repeat(12, 0).repeat(2, 1)], 1)
     for x, y in [(xs, ys), (dup, ydup)]:
-        probe = LogisticProbe(C=C, chunk=5).fit(torch.from_numpy(x), torch.from_numpy(y))   # chunks of 5, 5 and 2 episodes
+        probe = LogisticProbe(C=C, episodes_per_solve=5).fit(torch.from_numpy(x), torch.from_numpy(y))   # chunks of 5, 5 and 2 episodes
         ref, ref_proba, coef, icpt = sk_loop(x, y, xq, C=C)
         assert np.array_equal(probe.predict(torch.from_numpy(xq)).numpy(), ref)
         np.testing.assert_allclose(probe.predict_proba(torch.from_numpy(xq)).numpy(), ref_proba, atol=1e-5)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from fastai.vision.core import imagenet_stats
 
+from ..models.resnet12 import MINI_IMAGENET_MEAN, MINI_IMAGENET_STD
 from .core import SPLITS, FewShotSplits, Split
 from .download import DataError, DataUnavailable, Resource, fetch, safe_load_pickle
 from .images import check_images, class_images
@@ -31,8 +32,7 @@ TIERED_IMAGENET_FILES = {s: [Resource(f'{s}_{kind}.pkl', [f'{_ZENODO}tiered-imag
 
 # Lee et al. 2019 (MetaOptNet), as the original MTL code normalised each benchmark
 _CIFAR_STATS = dict(mean=(0.5071, 0.4867, 0.4408), std=(0.2675, 0.2565, 0.2761))
-_MINI_STATS = dict(mean=tuple(v / 255 for v in (120.39586422, 115.59361427, 104.54012653)),
-                   std=tuple(v / 255 for v in (70.68188272, 68.27635443, 72.54505529)))
+_MINI_STATS = dict(mean=MINI_IMAGENET_MEAN, std=MINI_IMAGENET_STD)
 _CIFAR_MEMBERS = ('train', 'test', 'meta')
 
 

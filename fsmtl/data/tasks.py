@@ -67,7 +67,7 @@ def _sampler(split: Split, ways: int, per_class: int):
     return l2l.data.Taskset(meta, task_transforms=[l2l.data.transforms.FusedNWaysKShots(meta, n=ways, k=per_class)])
 
 
-def _draw(taskset) -> np.ndarray:
+def _sample_task(taskset) -> np.ndarray:
     "Indices of one freshly drawn task."
     return np.fromiter((d.index for d in taskset.sample_task_description()), dtype=np.int64)
 
@@ -123,7 +123,7 @@ class TaskDL(_SplitDL):
                          drop_last=kwargs.pop('drop_last', True), **kwargs)
         self.taskset = _sampler(split, ways, per_class)
 
-    def create_item(self, s): return self.load_task(_draw(self.taskset))
+    def create_item(self, s): return self.load_task(_sample_task(self.taskset))
 
 
 class EpisodeDL(_SplitDL):
@@ -141,7 +141,7 @@ class EpisodeDL(_SplitDL):
         for k in ('shuffle', 'drop_last', 'per_class'): kwargs.pop(k, None)
         if episodes is None:
             taskset = _sampler(split, ways, shots + queries)
-            with seeded_random(seed): episodes = np.stack([_draw(taskset) for _ in range(n)])
+            with seeded_random(seed): episodes = np.stack([_sample_task(taskset) for _ in range(n)])
         self.episodes, self.shots, self.queries, self.seed = episodes, shots, queries, seed
         super().__init__(dataset, split=split, ways=ways, per_class=shots + queries, n=len(episodes), bs=bs, **kwargs)
 
