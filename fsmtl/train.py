@@ -7,12 +7,14 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
 import torch
 from fastai.torch_core import default_device, set_seed
 
+from .algorithms import META_ALGORITHMS, check_meta, meta_learner, meta_model, native_evaluate
 from .checkpoint import Checkpoints, backbone_from_checkpoint, load_weights, own_rng_state, read_checkpoint
 from .data.block import mtl_dls
 from .data.benchmarks import get_benchmark
@@ -32,7 +34,7 @@ OPTIONS = {
     'root': ('~/data', 'folder of the benchmarks (for folder: your folder of class folders)'),
     'log_dir': ('runs', 'runs are written to a folder in here: checkpoints, history.csv, config.json, results.json'),
     'run_name': (None, 'name of the run folder; default: dataset-model-date-time'),
-    'algorithm': ('mtl', 'training algorithm: mtl'),
+    'algorithm': ('mtl', 'mtl, or a meta-learner: protonet, metaoptnet, r2d2, anil, maml (support: the first train_shots a class)'),
     'model': ('resnet12', 'backbone: resnet12 or any timm architecture name'),
     'model_kwargs': (None, 'keyword arguments of the architecture (timm.create_model), a dict'),
     'pretrained': (False, 'True: timm hub weights; a path: a local weights file. Images then get the model\'s size, mean and std'),
@@ -51,7 +53,8 @@ OPTIONS = {
     'epoch_length': (1600, 'training tasks in an epoch'),
     'val_epoch_length': (400, 'validation episodes, scored after every epoch'),
     'final_test_epoch_length': (2000, 'test episodes of the final test'),
-    'test_method': ('l2', 'probe on the features: l2 (logistic regression), sklearn (the same in scikit-learn), proto'),
+    'test_method': ('l2', 'probe on the features: l2 (logistic regression), sklearn (the same in scikit-learn), proto; '
+                          'native: a meta-learner\'s own head (validation keeps l2)'),
     'test_l2': (3., 'C, the inverse L2 regularisation strength, of the logistic regression probe'),
     'optim': ('radam', 'optimiser: sgd, sgdw, sgdp, adam, adamw, adamax, radam, adabound, adamp'),
     'lr': (1e-3, 'learning rate (the peak of one_cycle)'),
@@ -73,8 +76,15 @@ OPTIONS = {
     'baseline': (False, 'also test the untrained backbone on the same episodes, to show the gain'),
     'num_workers': (None, 'loader processes; None: 0 for in-memory benchmarks, else all cores'),
     'progress': (True, 'progress bars and the epoch table'),
+    'adaptation_steps': (1, 'maml, anil: gradient steps on each task\'s support'),
+    'adaptation_lr': (0.5, 'maml, anil: learning rate of those steps (learn2learn\'s fast_lr)'),
+    'first_order': (False, 'maml, anil: first-order approximation (no gradient through the adaptation)'),
+    'svm_C': (0.1, 'metaoptnet: C of the SVM head'),
+    'svm_max_iters': (15, 'metaoptnet: iterations of the SVM\'s QP solver'),
+    'ridge_lambda': (50., 'r2d2: L2 weight of the ridge regression head'),
 }
-ALGORITHMS = ('mtl',)
+ALGORITHMS = ('mtl', *META_ALGORITHMS)
+META_OPTIONS = ('adaptation_steps', 'adaptation_lr', 'first_order', 'svm_C', 'svm_max_iters', 'ridge_lambda')
 SCHEDULERS = ('plateau', 'step', 'one_cycle')
 FINAL_SHOTS = (1, 5)
 
@@ -157,21 +167,28 @@ def _check_numbers(cfg, names):
 
 def _check(cfg):
     "Fail before any work on an unknown algorithm, scheduler, probe or optimiser, a number out of range, or contradicting options."
-    if cfg['algorithm'] not in ALGORITHMS:
-        raise ValueError(f"algorithm {cfg['algorithm']!r} is not in fsmtl yet: use {', '.join(ALGORITHMS)}")
     if cfg['scheduler'] not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {cfg['scheduler']!r}: use one of {', '.join(SCHEDULERS)}")
     if cfg['fp16'] and cfg['bf16']: raise ValueError("choose fp16 or bf16, not both")
     _check_numbers(cfg, [*_LEAST, *_POSITIVE])
+    check_meta(cfg['algorithm'], cfg['train_shots'], cfg['train_queries'], cfg['adaptation_steps'], cfg['adaptation_lr'],
+               cfg['svm_C'], cfg['svm_max_iters'], cfg['ridge_lambda'], cfg['norm_train_features'])
     if cfg['train_shots'] + cfg['train_queries'] < 1:
         raise ValueError("train_shots + train_queries must be at least 1: MTL trains on the shots and queries of each class alike")
     if cfg['epoch_length'] < cfg['meta_batch_size']:
         raise ValueError(f"epoch_length ({cfg['epoch_length']} tasks) is less than one batch of meta_batch_size "
                          f"({cfg['meta_batch_size']} tasks): raise epoch_length or lower meta_batch_size")
     if cfg['decay_rate'] > 1: raise ValueError(f"decay_rate multiplies the learning rate, so it is at most 1, got {cfg['decay_rate']}")
-    get_probe(cfg['test_method'], cfg['test_l2'])
+    if cfg['test_method'] == 'native' and cfg['algorithm'] == 'mtl':
+        raise ValueError("test_method native is a meta-learner's own head: with algorithm mtl use l2, sklearn or proto")
+    _val_probe(cfg)
     get_opt(cfg['optim'])
     local_batch(cfg['meta_batch_size'])
+
+
+def _val_probe(cfg):
+    "The probe of the validation episodes: the test's, but l2 when the test uses a meta-learner's native head."
+    return get_probe('l2' if cfg['test_method'] == 'native' else cfg['test_method'], cfg['test_l2'])
 
 
 def _device(gpu):
@@ -210,6 +227,9 @@ def _load_weights(model, st, source, head: bool = True):
 def _final_test(model, splits, cfg, progress) -> EvalResults:
     "The final test: 1- and 5-shot (and `test_shots`) on the same fixed test episodes."
     shots = tuple(sorted({*FINAL_SHOTS, int(cfg['test_shots'])}))
+    if cfg['test_method'] == 'native':
+        return native_evaluate(model, splits, 'test', cfg['test_ways'], shots, cfg['test_queries'],
+                               cfg['final_test_epoch_length'], cfg['seed'], progress=progress)
     return evaluate(model, splits, split='test', ways=cfg['test_ways'], shots=shots, queries=cfg['test_queries'],
                     episodes=cfg['final_test_epoch_length'], probe=get_probe(cfg['test_method'], cfg['test_l2']),
                     seed=cfg['seed'], progress=progress)
@@ -254,13 +274,14 @@ def _configure(given: dict):
 
 
 def _learner(cfg, device):
-    "The DataLoaders and the learner of the configuration, progress bars as asked."
-    learn = mtl_learner(_dls(cfg, device), arch=cfg['model'], pretrained=cfg['pretrained'],
-                        norm_train_features=cfg['norm_train_features'], opt=cfg['optim'], lr=cfg['lr'],
-                        wd=cfg['weight_decay'], arch_kwargs=cfg['model_kwargs'],
-                        probe=get_probe(cfg['test_method'], cfg['test_l2']),
-                        precision='fp16' if cfg['fp16'] else 'bf16' if cfg['bf16'] else 'fp32',
-                        channels_last=cfg['channels_last'], size=cfg['size'] if cfg['pretrained'] else None)
+    "The DataLoaders and the learner of the configuration (MTL's, or a meta-learner's), progress bars as asked."
+    algo = dict(algorithm=cfg['algorithm'], shots=cfg['train_shots'], **{k: cfg[k] for k in META_OPTIONS})
+    make = mtl_learner if cfg['algorithm'] == 'mtl' else partial(meta_learner, **algo)
+    learn = make(_dls(cfg, device), arch=cfg['model'], pretrained=cfg['pretrained'],
+                 norm_train_features=cfg['norm_train_features'], opt=cfg['optim'], lr=cfg['lr'],
+                 wd=cfg['weight_decay'], arch_kwargs=cfg['model_kwargs'], probe=_val_probe(cfg),
+                 precision='fp16' if cfg['fp16'] else 'bf16' if cfg['bf16'] else 'fp32',
+                 channels_last=cfg['channels_last'], size=cfg['size'] if cfg['pretrained'] else None)
     if cfg['freeze_epochs']: learn.add_cb(FrozenEpochs(cfg['freeze_epochs']))
     return learn if cfg['progress'] else quiet(learn)
 
@@ -377,4 +398,8 @@ def evaluate_checkpoint(load_path,  # a checkpoint file (best.pth, last.pth) or 
     if cfg['pretrained']:
         splits = dataclasses.replace(splits, mean=tuple(st['mean']), std=tuple(st['std']), input_size=st['size'],
                                      interpolation=st.get('interpolation', 'bilinear'))
+    if cfg['test_method'] == 'native':   # the algorithm's head around the backbone, with its trained weights
+        backbone = meta_model(cfg['algorithm'], backbone, backbone.num_features, cfg['train_ways'], cfg['train_shots'],
+                              cfg['train_queries'], **{k: cfg[k] for k in META_OPTIONS})
+        _load_weights(backbone, st, p)
     return _final_test(backbone.to(_device(cfg['gpu'])), splits, cfg, cfg['progress'])

@@ -133,7 +133,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
 
 
 @pytest.mark.parametrize('bad,match', [(dict(model='resnet13'), 'resnet12'), (dict(optim='lamb'), 'unknown optimiser'),
-                                       (dict(scheduler='cosine'), 'unknown scheduler'), (dict(algorithm='maml'), 'not in fsmtl yet'),
+                                       (dict(scheduler='cosine'), 'unknown scheduler'), (dict(algorithm='reptile'), 'unknown algorithm'),
                                        (dict(test_method='svm'), 'unknown probe')])
 def test_unknown_names_give_clear_errors(glyph_root, tmp_path, bad, match):
     with pytest.raises(ValueError, match=match): train(**small(glyph_root, tmp_path, **bad))

@@ -94,7 +94,7 @@ def mtl_dls(name_or_splits='glyphs',      # a benchmark name for `get_benchmark`
     evals = [_episode_dl(dsets, pool, s, test_ways, shots, test_queries, n, bs_episodes, seed, common)
              for s, n in [('val', val_episodes), ('test', test_episodes)]]
     dls = DataLoaders(train, *evals, path=Path(root).expanduser(), device=device)
-    dls.splits, dls.test_shots = splits, test_shots
+    dls.splits, dls.test_shots, dls.train_shots = splits, test_shots, train_shots
     return dls
 
 

@@ -1,0 +1,213 @@
+"Meta-learners: heads and MAML steps against hand computations and scikit-learn; each trains on glyphs; clear errors."
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import Ridge
+from sklearn.svm import LinearSVC
+from torch import nn
+
+import fsmtl.train as T
+from fsmtl.algorithms import EpisodeLoss, FeatureHeadModel, MAMLModel, meta_learner, ridge_logits, svm_logits
+from fsmtl.cli import main
+from fsmtl.data.block import mtl_dls
+from fsmtl.learner import MTLModel, MultiTaskLoss
+from fsmtl.train import train
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+HAS_QPTH = importlib.util.find_spec('qpth') is not None and importlib.util.find_spec('cvxpy') is not None
+TASKS, WAYS, SHOTS, QUERIES = 2, 3, 2, 2
+
+
+def task_batch(dim=5, seed=0):
+    "Inputs of TASKS tasks, task-major and class-major, and their (unused) global labels."
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(TASKS * WAYS * (SHOTS + QUERIES), dim, generator=g, dtype=torch.float64)
+    return x, torch.arange(len(x)) // (SHOTS + QUERIES)
+
+
+def test_protonet_loss_equals_a_hand_computation_in_value_and_gradient():
+    x, y = task_batch()
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    model, loss_func = FeatureHeadModel(nn.Identity(), WAYS, SHOTS, QUERIES, 'proto'), EpisodeLoss(WAYS, QUERIES)
+    loss = loss_func(model(x1), y)
+    loss.backward()
+    # by hand: per task, class means of the first SHOTS of each class, squared distances, log-softmax, one query at a time
+    terms = []
+    for t in range(TASKS):
+        task = x2[t * WAYS * (SHOTS + QUERIES):(t + 1) * WAYS * (SHOTS + QUERIES)]
+        means = [sum(task[c * (SHOTS + QUERIES) + i] for i in range(SHOTS)) / SHOTS for c in range(WAYS)]
+        for c in range(WAYS):
+            for i in range(SHOTS, SHOTS + QUERIES):
+                d = torch.stack([((task[c * (SHOTS + QUERIES) + i] - m) ** 2).sum() for m in means])
+                terms.append(d[c] + torch.logsumexp(-d, 0))
+    hand = torch.stack(terms).mean()
+    hand.backward()
+    assert loss.item() == pytest.approx(hand.item(), rel=1e-10)
+    assert torch.allclose(x1.grad, x2.grad, atol=1e-12) and x1.grad.abs().sum() > 0
+
+
+def tiny_maml(head_only, first_order, dim=5, nf=4):
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(dim, nf), nn.Tanh()).double()
+    return MAMLModel(backbone, nf, WAYS, SHOTS, QUERIES, adaptation_steps=1, adaptation_lr=0.5, first_order=first_order,
+                     head_only=head_only).double()
+
+
+def hand_maml_loss(params, x, head_only, first_order, lr=0.5):
+    "The query loss after one functional SGD step on each task's support loss (only the head's step when `head_only`)."
+    w1, b1, head = params
+    net = lambda x, w1, b1, head: F.linear(torch.tanh(F.linear(x, w1, b1)), head[:, :-1], head[:, -1])
+    z = x.view(TASKS, WAYS, SHOTS + QUERIES, -1)
+    ys, yq = torch.arange(WAYS).repeat_interleave(SHOTS), torch.arange(WAYS).repeat_interleave(QUERIES)
+    losses = []
+    for t in range(TASKS):
+        xs, xq = z[t, :, :SHOTS].flatten(0, 1), z[t, :, SHOTS:].flatten(0, 1)
+        inner = [head] if head_only else [w1, b1, head]
+        grads = torch.autograd.grad(F.cross_entropy(net(xs, w1, b1, head), ys), inner, create_graph=not first_order)
+        new = [p - lr * (g.detach() if first_order else g) for p, g in zip(inner, grads)]
+        losses.append(F.cross_entropy(net(xq, w1, b1, new[0]) if head_only else net(xq, *new), yq))
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize('head_only', [False, True], ids=['maml', 'anil'])
+def test_one_adaptation_step_equals_a_hand_written_functional_step(head_only):
+    x, y = task_batch()
+    outer = {}
+    for first_order in (False, True):
+        model = tiny_maml(head_only, first_order)
+        params = [model.backbone[0].weight, model.backbone[0].bias, model.head]
+        loss = EpisodeLoss(WAYS, QUERIES)(model(x), y)
+        got = torch.autograd.grad(loss, params)
+        hand_params = [p.detach().clone().requires_grad_() for p in params]
+        hand = hand_maml_loss(hand_params, x, head_only, first_order)
+        want = torch.autograd.grad(hand, hand_params)
+        assert loss.item() == pytest.approx(hand.item(), rel=1e-10)
+        for a, b in zip(got, want): assert torch.allclose(a, b, atol=1e-10)
+        outer[first_order] = got
+    # the two orders differ, so each comparison above tells them apart
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(outer[False], outer[True]))
+
+
+def test_anil_adapts_only_the_head_and_maml_the_whole_network():
+    x, _ = task_batch()
+    xs, ys = x[:WAYS * SHOTS], torch.arange(WAYS).repeat_interleave(SHOTS)
+    for head_only in (True, False):
+        model = tiny_maml(head_only, False)
+        before = [p.detach().clone() for p in model.backbone.parameters()]
+        learner = model.adapt(xs, ys)
+        adapted = list(learner.module.backbone.parameters() if not head_only else learner.backbone.parameters())
+        same = all(torch.equal(a, b) for a, b in zip(adapted, before))
+        head = learner.module.head.weight if not head_only else learner.head.module.weight
+        assert same == head_only and not torch.allclose(head, model.head)
+        # the model's own weights are left as they were
+        assert all(torch.equal(a, b) for a, b in zip(model.backbone.parameters(), before))
+
+
+def clustered_tasks(tasks=20, ways=5, shots=5, queries=15, dim=16, scale=1., seed=0):
+    "Support and query features of `tasks` tasks drawn around class centres, and their labels."
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(tasks, ways, 1, dim))
+    f = torch.tensor(scale * (centres + 1.2 * rng.normal(size=(tasks, ways, shots + queries, dim))), dtype=torch.float64)
+    s, q = f[:, :, :shots].flatten(1, 2), f[:, :, shots:].flatten(1, 2)
+    return s, torch.arange(ways).repeat_interleave(shots).expand(tasks, -1), q
+
+
+def test_r2d2_head_predicts_as_scikit_learn_ridge():
+    s, y, q = clustered_tasks()
+    scores = ridge_logits(s, y, q, 5, lam=5.)
+    agree, n = 0, 0
+    for t in range(len(s)):
+        ref = Ridge(alpha=5., fit_intercept=False).fit(s[t].numpy(), F.one_hot(y[t], 5).numpy())
+        np.testing.assert_allclose(scores[t].numpy(), ref.predict(q[t].numpy()), atol=1e-8)
+        agree += int((scores[t].argmax(1).numpy() == ref.predict(q[t].numpy()).argmax(1)).sum())
+        n += len(q[t])
+    assert agree / n >= 0.99
+
+
+@pytest.mark.skipif(not HAS_QPTH, reason='metaoptnet needs qpth and cvxpy (tools/install.sh installs them)')
+def test_metaoptnet_head_predicts_as_crammer_singer_linear_svc():
+    # large features: MetaOptNet's QP adds an identity to the kernel, negligible against a large kernel
+    s, y, q = clustered_tasks(tasks=10, scale=10.)
+    pred = svm_logits(s.float(), y, q.float(), 5, C=0.1, max_iters=50).argmax(-1)
+    agree = sum(int((pred[t].numpy() == LinearSVC(C=0.1, multi_class='crammer_singer', fit_intercept=False, tol=1e-6,
+                                                     max_iter=100_000).fit(s[t].numpy(), y[t].numpy()).predict(q[t].numpy())).sum())
+                for t in range(len(s)))
+    assert agree / pred.numel() >= 0.99
+
+
+def small(root, tmp_path, **kw):
+    "Options of a short CPU run on glyphs with a small ResNet-12."
+    return dict(dict(dataset='glyphs', root=str(root), log_dir=str(tmp_path / 'runs'), run_name='run',
+                     model_kwargs=dict(channels=(16, 32, 32, 64)), meta_batch_size=2, train_shots=5, train_queries=5,
+                     epoch_length=40, val_epoch_length=10, final_test_epoch_length=100, test_queries=10,
+                     scheduler='one_cycle', lr=3e-3, max_epochs=4, progress=False, baseline=True), **kw)
+
+
+# the shortest runs that clear the bar on 2 cores, each at the learning rate it takes best
+SETTINGS = dict(protonet=dict(lr=1e-2, max_epochs=3), r2d2=dict(lr=1e-2, max_epochs=3), anil=dict(lr=1e-2),
+                maml=dict(adaptation_lr=0.1, first_order=True), metaoptnet=dict(lr=1e-2, max_epochs=3))
+
+
+@pytest.mark.parametrize('algorithm', list(SETTINGS) if HAS_QPTH else [a for a in SETTINGS if a != 'metaoptnet'])
+def test_each_algorithm_learns_on_glyphs(glyph_root, tmp_path, algorithm):
+    res = train(**small(glyph_root, tmp_path, algorithm=algorithm, **SETTINGS[algorithm]))
+    for s in (1, 5):
+        gain = res.test[s].mean - res.untrained[s].mean
+        assert gain > res.test[s].ci95 + res.untrained[s].ci95, (algorithm, s, res.test[s], res.untrained[s])
+    if algorithm == 'protonet':
+        # the native head from the best checkpoint: prototypes of the raw features, the same episodes as the linear probe
+        native = T.evaluate_checkpoint(res.run_dir, root=str(glyph_root), test_method='native', final_test_epoch_length=20,
+                                       progress=False)
+        assert len(native[5].accs) == 20 and native[5].mean > 0.3
+        by_hand = native_protonet(res.learner.model, res.learner.dls.splits)
+        assert native[1].accs.tolist() == pytest.approx(by_hand.tolist())
+
+
+def native_protonet(model, splits):
+    "1-shot native accuracy of each test episode by hand: nearest support feature by Euclidean distance."
+    from fsmtl.data.block import episode_dl
+    accs = []
+    model.eval()
+    with torch.no_grad():
+        for x, _ in episode_dl(splits, 'test', 5, 5, 10, n=20, bs=8, seed=0, device='cpu'):
+            f = model.backbone(x)
+            f = f.view(-1, 5, 15, f.shape[-1])
+            for e in f:
+                d = torch.cdist(e[:, 5:].flatten(0, 1), e[:, 0])
+                accs.append((d.argmin(1) == torch.arange(5).repeat_interleave(10)).float().mean().item())
+    return np.array(accs)
+
+
+@pytest.mark.parametrize('bad,match', [
+    (dict(algorithm='reptile'), 'unknown algorithm'),
+    (dict(algorithm='maml', adaptation_steps=0), 'adaptation_steps must be at least 1'),
+    (dict(algorithm='anil', adaptation_lr=0.), 'adaptation_lr must be positive'),
+    (dict(algorithm='protonet', train_queries=0), 'train_queries'),
+    (dict(algorithm='protonet', train_queries=1000), 'shots \\+ queries'),
+    (dict(algorithm='protonet', norm_train_features=True), 'norm_train_features'),
+    (dict(algorithm='mtl', test_method='native'), 'native'),
+    (dict(algorithm='r2d2', ridge_lambda=0), 'ridge_lambda')])
+def test_bad_values_give_clear_errors(glyph_root, tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match): train(**small(glyph_root, tmp_path, **bad))
+
+
+def test_options_are_shown_by_fsmtl_train_help(capsys):
+    with pytest.raises(SystemExit): main(['train', '--help'])
+    out = capsys.readouterr().out
+    for flag in ('--algorithm', '--adaptation_steps', '--adaptation_lr', '--first_order', '--svm_C', '--svm_max_iters'):
+        assert flag in out
+    assert 'protonet' in out and 'maml' in out
+
+
+def test_mtl_keeps_its_model_and_loss(glyph_splits):
+    dls = mtl_dls(glyph_splits, train_shots=2, train_queries=3, meta_batch_size=2, epoch_length=4, val_episodes=2,
+                  test_episodes=2, device='cpu')
+    learn = meta_learner(dls, 'mtl', arch_kwargs=dict(channels=(8, 16, 16, 32)))
+    assert type(learn.model) is MTLModel and type(learn.loss_func) is MultiTaskLoss
+    proto = meta_learner(dls, 'protonet', arch_kwargs=dict(channels=(8, 16, 16, 32)))
+    x, y = dls.one_batch()
+    # the meta-learner scores the queries: 3 of each class of each task, over the task's 5 classes
+    assert proto.model(x).shape == (2 * 5 * 3, 5) and proto.model.shots == 2
