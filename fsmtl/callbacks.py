@@ -11,6 +11,7 @@ from fastcore.basics import store_attr
 from fastcore.foundation import L
 
 from .data.tasks import EpisodeDL
+from .distributed import gather_episodes, shard_episodes
 from .evaluate import EpisodeScorer, EvalResult, EvalResults, chunked_episode_dl, episodic_accuracy
 from .features import extract_features, model_device
 
@@ -66,7 +67,8 @@ class EpisodicEval(Callback):
                 raise ValueError("EpisodicEval draws its episodes from the benchmark of DataLoaders made by mtl_dls "
                                  "(dls.splits), or uses dls.valid when it is an EpisodeDL with enough shots")
             self._key = key
-        return self._dl
+        # under torch.distributed, this rank's share of the episodes; `after_validate` gathers all their accuracies
+        return shard_episodes(self._dl)
 
     def before_fit(self):
         self._in_fit, self.value = True, {}
@@ -98,7 +100,7 @@ class EpisodicEval(Callback):
         raise CancelBatchException
 
     def after_validate(self):
-        if self.scorer is not None: self.value, self.scorer = self._metrics(self.scorer.result()), None
+        if self.scorer is not None: self.value, self.scorer = self._metrics(gather_episodes(self.scorer.result(), self.learn.dl)), None
 
     def score(self) -> dict:
         "Accuracy and CI half-width of each shot count on the validation episodes, by metric name."

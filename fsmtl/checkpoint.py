@@ -12,10 +12,11 @@ from fastcore.basics import store_attr
 from fastcore.foundation import L
 from torch import nn
 
+from .distributed import gather_objects, is_main, rank, unwrap, world
 from .files import write_atomic
 
 __all__ = ['save_atomic', 'read_checkpoint', 'load_weights', 'backbone_from_checkpoint', 'Checkpoints', 'rng_state',
-           'set_rng_state']
+           'set_rng_state', 'own_rng_state']
 
 
 def save_atomic(obj,   # what to save: a state dict, or any object `torch.save` takes
@@ -105,6 +106,16 @@ def set_rng_state(st: dict):  # the states `rng_state` returned
     if 'cuda' in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st['cuda'])
 
 
+def own_rng_state(st: dict  # a `last.pth` read by `read_checkpoint`
+                  ) -> dict:
+    "This process's generator states in `last.pth` `st`; a `ValueError` with the fix when its run had another number of processes."
+    states = st.get('rng_ranks') or [st['rng']]
+    if len(states) != world():
+        raise ValueError(f"this run was trained on {len(states)} process(es) and is resumed on {world()}: resume it on "
+                         f"{len(states)} (torchrun --nproc_per_node {len(states)}), each drawing the tasks it would have drawn")
+    return states[rank()]
+
+
 def _tree(o):
     "`o` with fastcore's `L` lists and numpy scalars (in fastai optimiser states) as the plain types `weights_only` loading admits."
     if isinstance(o, dict): return {k: _tree(v) for k, v in o.items()}
@@ -155,7 +166,7 @@ class Checkpoints(Callback):
         for cb, state in zip(self._trackers(), st['trackers']):
             cb.best, cb.wait = state['best'], state.get('wait', 0)
         self.learn.opt.set_hypers(lr=st['lr'])
-        set_rng_state(st['rng'])
+        set_rng_state(own_rng_state(st))
 
     def _trackers(self): return [cb for cb in self.learn.cbs if isinstance(cb, TrackerCallback)]
 
@@ -165,7 +176,7 @@ class Checkpoints(Callback):
         return self.learn.recorder.values[-1][names.index(self.monitor)]
 
     def _state(self, epoch: int, value) -> dict:
-        model = self.learn.model
+        model = unwrap(self.learn.model)
         return dict(self.meta, epoch=epoch, monitor=self.monitor, value=_float(value),
                     backbone={k: v.detach().cpu() for k, v in model.backbone.state_dict().items()},
                     head=model.head.detach().cpu(), metric_names=list(self.learn.recorder.metric_names),
@@ -180,14 +191,20 @@ class Checkpoints(Callback):
     def _save(self):
         if not self.run: return
         epoch, value = len(self.learn.recorder.values), self._value()
+        # every process's generators, each resumed by its own process; only rank 0 writes
+        rngs = gather_objects(rng_state())
+        better = value is not None and not np.isnan(value) and value > self.best
+        if better: self.best = float(value)
+        if is_main(): self._write(epoch, value, better, rngs)
+        self.saved_epochs = epoch
+
+    def _write(self, epoch, value, better, rngs):
         st = self._state(epoch, value)
-        if value is not None and not np.isnan(value) and value > self.best:
-            self.best = float(value)
-            save_atomic(st, self.best_path)
+        if better: save_atomic(st, self.best_path)
         sl, opt = self.learn.recorder.smooth_loss, self.learn.opt
         # the best file is the last one's weights and history; the last adds what resuming needs
-        last = dict(st, opt=_tree(opt.state_dict()), lr=float(opt.hypers[-1]['lr']), best=self.best, rng=rng_state(),
+        last = dict(st, opt=_tree(opt.state_dict()), lr=float(opt.hypers[-1]['lr']), best=self.best, rng=rngs[0],
                     smooth_loss=(sl.count, torch.as_tensor(sl.val).detach().cpu()),
                     trackers=[dict(best=_float(cb.best), wait=getattr(cb, 'wait', 0)) for cb in self._trackers()])
+        if len(rngs) > 1: last['rng_ranks'] = rngs
         save_atomic(last, self.last_path)
-        self.saved_epochs = epoch

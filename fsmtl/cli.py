@@ -89,17 +89,22 @@ def _option_flags(p, names):
 
 
 def _print_results(results):
+    from .distributed import is_main
+    if not is_main(): return   # every process holds the same results
     for s, r in results.items(): print(f"{r.ways}-way {s}-shot test accuracy: {r!r} ({len(r.accs)} episodes)")
 
 
 def _train(args):
     "Train, then print the final test results (or only test, with --test_only)."
+    from .distributed import is_main
     from .train import evaluate_checkpoint, train
     opts = {k: v for k, v in vars(args).items() if k not in ('command', 'run')}
     if opts.pop('test_only', False):
         if not opts.get('load_path'): raise ValueError("--test_only tests a checkpoint: give --load_path too")
         _print_results(evaluate_checkpoint(**opts))
-    else: print(train(**opts))
+    else:
+        res = train(**opts)
+        if is_main(): print(res)
 
 
 def _test(args):
@@ -149,7 +154,11 @@ def main(argv=None):
     try: args.run(args)
     except (ValueError, OSError, RuntimeError, ImportError, FloatingPointError) as e:
         # fastai prefixes errors raised in a callback with the callback's name and event: the user needs the cause
-        print(f"fsmtl {args.command}: {str(e).split(chr(10) + chr(9))[-1]}", file=sys.stderr)
+        from .distributed import peer_failed, rank, world
+        why = str(e).split(chr(10) + chr(9))[-1]
+        if peer_failed(e): why = f"another process of the run stopped; its own message says why ({why})"
+        where = f" (process {rank()} of {world()})" if world() > 1 else ''
+        print(f"fsmtl {args.command}{where}: {why}", file=sys.stderr)
         return 2
     return 0
 

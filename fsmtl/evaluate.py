@@ -12,6 +12,7 @@ from .data.benchmarks import get_benchmark
 from .data.block import episode_dl
 from .data.core import FewShotSplits
 from .data.tasks import EpisodeDL
+from .distributed import gather_episodes, shard_episodes
 from .features import extract_features, model_device
 from .probe import get_probe
 from .runlog import interactive
@@ -97,9 +98,10 @@ def episodic_accuracy(model,                     # a backbone, or a model with a
                       group: int = 2 ** 15,      # feature rows kept before the probe runs on their episodes
                       progress: bool = False):   # show a progress bar
     "Per-episode query accuracy of `dl`'s episodes for each shot count, all from one pass of feature extraction."
+    dl = shard_episodes(dl)   # under torch.distributed each process scores its share; all get every episode's accuracy
     scorer = EpisodeScorer(dl.ways, dl.per_class, dl.queries, shots, probe, group)
     for x, _ in (progress_bar(dl, leave=False) if progress and interactive() else dl): scorer.add(extract_features(model, x, chunk))
-    return scorer.result()
+    return gather_episodes(scorer.result(), dl)
 
 
 def chunked_episode_dl(splits, split, ways, shots, queries, episodes, seed, chunk, device) -> EpisodeDL:

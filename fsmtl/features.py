@@ -6,12 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import unwrap
+
 __all__ = ['feature_model', 'model_device', 'extract_features']
 
 
 def feature_model(model: nn.Module  # a backbone, or a model with a `backbone`
                   ) -> nn.Module:
-    "The part of `model` that maps images to features: its `backbone` when it has one, else `model` itself."
+    "The part of `model` (unwrapped from data parallelism) that maps images to features: its `backbone`, else itself."
+    model = unwrap(model)
     return getattr(model, 'backbone', model)
 
 

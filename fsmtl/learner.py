@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from fastai.callback.channelslast import ChannelsLast
+from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import ParamScheduler
 from fastai.callback.training import BnFreeze
 from fastai.data.core import DataLoaders
@@ -21,6 +22,7 @@ from fastcore.basics import patch
 from .callbacks import AMP, EpisodicEval, StopOnNaN, TaskAccuracy
 from .data.core import FewShotSplits, Split
 from .data.tasks import local_labels
+from .distributed import MTLDistributedTrainer, rank, world
 from .models import create_backbone
 from .pretrained import follow_input, input_config, mtl_splitter
 from .runlog import EpochTable, interactive
@@ -129,6 +131,16 @@ class MTLLearner(Learner):
         self._start_epoch = start_epoch
         try: super().fit(n_epoch, lr=lr, wd=wd, cbs=cbs, reset_opt=reset_opt)
         finally: self._start_epoch = 0
+
+    def to_distributed(self,
+                       sync_bn=True,  # batch statistics over all processes (`nn.SyncBatchNorm`, GPUs only)
+                       **kwargs):     # passed to accelerate's `Accelerator`
+        "fastai's `to_distributed` (which `distrib_ctx` calls) with `MTLDistributedTrainer`; only rank 0 shows progress."
+        # one process (torchrun --nproc_per_node 1) trains as it is, as fastai's `detach_distributed` expects
+        if world() < 2: return self
+        self.add_cb(MTLDistributedTrainer(sync_bn, **kwargs))
+        if rank(): self.remove_cbs([cb for cb in self.cbs if isinstance(cb, (ProgressCallback, EpochTable))])
+        return self
 
     def export(self,
                fname='export.pkl',  # file name, under the learner's `path`

@@ -5,6 +5,7 @@ import difflib
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -14,9 +15,10 @@ import torch
 from fastai.torch_core import default_device, set_seed
 
 from .algorithms import META_ALGORITHMS, check_meta, meta_learner, meta_model, native_evaluate
-from .checkpoint import Checkpoints, backbone_from_checkpoint, load_weights, read_checkpoint
+from .checkpoint import Checkpoints, backbone_from_checkpoint, load_weights, own_rng_state, read_checkpoint
 from .data.block import mtl_dls
 from .data.benchmarks import get_benchmark
+from .distributed import broadcast_object, init_distributed, is_main, local_batch, rank, rank_seed, world
 from .evaluate import EvalResults, evaluate
 from .learner import get_opt, mtl_learner
 from .files import RunLock
@@ -38,6 +40,7 @@ OPTIONS = {
     'pretrained': (False, 'True: timm hub weights; a path: a local weights file. Images then get the model\'s size, mean and std'),
     'freeze_epochs': (0, 'train only the head (backbone frozen, as fastai\'s freeze) for this many first epochs'),
     'gpu': (None, 'CUDA device number; None: the GPU when there is one; without CUDA training falls back to the CPU'),
+    'sync_bn': (False, 'several GPUs: BatchNorm statistics over the batches of all processes (SyncBatchNorm)'),
     'seed': (0, 'seeds the initialisation and the training tasks, and fixes the validation and test episodes'),
     'norm_train_features': (False, 'L2-normalise features before the head in training'),
     'train_ways': (5, 'classes in a training task'),
@@ -46,7 +49,7 @@ OPTIONS = {
     'test_ways': (5, 'classes in a validation and test episode'),
     'test_shots': (5, 'support images a class in validation (model selection); the final test also scores 1 and 5'),
     'test_queries': (15, 'query images a class in a validation and test episode'),
-    'meta_batch_size': (6, 'tasks in a training batch'),
+    'meta_batch_size': (6, 'tasks in a training batch (over all processes, when several train)'),
     'epoch_length': (1600, 'training tasks in an epoch'),
     'val_epoch_length': (400, 'validation episodes, scored after every epoch'),
     'final_test_epoch_length': (2000, 'test episodes of the final test'),
@@ -180,6 +183,7 @@ def _check(cfg):
         raise ValueError("test_method native is a meta-learner's own head: with algorithm mtl use l2, sklearn or proto")
     _val_probe(cfg)
     get_opt(cfg['optim'])
+    local_batch(cfg['meta_batch_size'])
 
 
 def _val_probe(cfg):
@@ -262,6 +266,7 @@ def _configure(given: dict):
         return cfg, None, None
     folder = _resume_source(_options(given))
     resumed = read_checkpoint(folder, prefer='last')
+    own_rng_state(resumed)   # on as many processes as the run had, before any work
     cfg = _options({k: v for k, v in given.items() if k != 'resume'}, resumed['config'])
     cfg['resume'] = True
     _check(cfg)
@@ -282,8 +287,8 @@ def _learner(cfg, device):
 
 
 def _loggers(cfg, run_dir, resumed) -> list:
-    "The run's log callbacks (CSV history, TensorBoard, wandb), its config.json written; none with `no_log`."
-    if cfg['no_log']: return []
+    "The run's log callbacks (CSV history, TensorBoard, wandb), its config.json written; none with `no_log` or on ranks but 0."
+    if cfg['no_log'] or not is_main(): return []
     write_json(_json_config(cfg), run_dir / 'config.json')
     cbs = [RunCSVLogger(run_dir / 'history.csv', append=resumed is not None, keep=resumed['epoch'] if resumed else 0)]
     if (tb := tensorboard_cb(run_dir / 'tensorboard')) is not None: cbs.append(tb)
@@ -295,9 +300,11 @@ def _fit(learn, cfg, start: int, cbs):
     "Train from epoch `start` to `max_epochs` with the configured schedule."
     n, lr = cfg['max_epochs'], cfg['lr']
     if start >= n: return
-    if cfg['scheduler'] == 'one_cycle': learn.fit_one_cycle(n, lr, cbs=cbs, start_epoch=start)
-    elif cfg['scheduler'] == 'step': learn.fit_step(n, lr, cfg['decay_patience'], cfg['decay_rate'], cbs=cbs, start_epoch=start)
-    else: learn.fit_plateau(n, lr, cfg['decay_patience'], 1 / cfg['decay_rate'], cfg['stop_patience'], cbs=cbs, start_epoch=start)
+    # launched by torchrun or accelerate launch, data parallel on all processes; in one process, as it is
+    with learn.distrib_ctx(sync_bn=cfg['sync_bn']):
+        if cfg['scheduler'] == 'one_cycle': learn.fit_one_cycle(n, lr, cbs=cbs, start_epoch=start)
+        elif cfg['scheduler'] == 'step': learn.fit_step(n, lr, cfg['decay_patience'], cfg['decay_rate'], cbs=cbs, start_epoch=start)
+        else: learn.fit_plateau(n, lr, cfg['decay_patience'], 1 / cfg['decay_rate'], cfg['stop_patience'], cbs=cbs, start_epoch=start)
 
 
 def _history(learn, resumed) -> pd.DataFrame:
@@ -322,8 +329,10 @@ def train(dataset: str | None = None,  # a benchmark name; None: glyphs, or a re
     given = dict(options, **({'dataset': dataset} if dataset is not None else {}))
     if given.get('test_only'): raise ValueError("test_only: call evaluate_checkpoint(load_path, ...), or fsmtl test")
     cfg, resumed, folder = _configure(given)
-    run_dir = folder or _run_dir(cfg)
-    with RunLock(run_dir):
+    init_distributed()
+    # rank 0's folder name (its clock's), and rank 0 alone holds the folder's lock
+    run_dir = broadcast_object(folder or _run_dir(cfg))
+    with RunLock(run_dir) if is_main() else nullcontext():
         if resumed is None and (run_dir / 'last.pth').exists():
             raise FileExistsError(f"{run_dir} already holds a run (last.pth): resume it (resume=True, --resume), or give "
                                   "this run another run_name")
@@ -334,8 +343,11 @@ def _train_in(cfg, resumed, run_dir) -> TrainResult:
     "The run of `train`, in its locked folder: data and learner, loggers, fitting, then the final test and results."
     device = _device(cfg['gpu'])
     if resumed is None: set_seed(cfg['seed'])
+    if not is_main(): cfg = dict(cfg, progress=False)
     t0 = time.perf_counter()
     learn = _learner(cfg, device)
+    # the same initial weights on every process, then each its own training tasks and augmentation
+    if resumed is None and world() > 1: set_seed(rank_seed(cfg['seed'], rank()))
     splits, model = learn.dls.splits, learn.model
     if cfg['load_path'] and resumed is None: _load_weights(model, read_checkpoint(cfg['load_path']), cfg['load_path'])
     meta = dict(arch=cfg['model'], arch_kwargs=dict(cfg['model_kwargs'] or {}), size=splits.size, mean=list(splits.mean),
@@ -344,7 +356,7 @@ def _train_in(cfg, resumed, run_dir) -> TrainResult:
     ckpt = Checkpoints(run_dir, meta, resume=resumed)
     learn.add_cb(ckpt)
     cbs = _loggers(cfg, run_dir, resumed)
-    wandb_run = sys.modules['wandb'].run if cfg['wandb'] and not cfg['no_log'] else None
+    wandb_run = sys.modules['wandb'].run if cfg['wandb'] and not cfg['no_log'] and is_main() else None
     try:
         untrained = _final_test(model, splits, cfg, cfg['progress']) if cfg['baseline'] and resumed is None else None
         if resumed is not None:
@@ -354,12 +366,12 @@ def _train_in(cfg, resumed, run_dir) -> TrainResult:
         t1 = time.perf_counter()
         _fit(learn, cfg, resumed['epoch'] if resumed else 0, cbs)
         t2 = time.perf_counter()
-        best = read_checkpoint(ckpt.best_path) if ckpt.best_path.exists() else None
+        best = broadcast_object(read_checkpoint(ckpt.best_path) if is_main() and ckpt.best_path.exists() else None)
         if best is not None: _load_weights(model, best, ckpt.best_path)
         results = _final_test(model, splits, cfg, cfg['progress'])
         res = TrainResult(learn, _history(learn, resumed), results, untrained, run_dir, best['epoch'] if best else None,
                           dict(setup=t1 - t0, training=t2 - t1, test=time.perf_counter() - t2), cfg)
-        if not cfg['no_log']: _write_results(res)
+        if not cfg['no_log'] and is_main(): _write_results(res)
         if wandb_run is not None: wandb_run.summary.update({f'test_acc_{s}shot': r.mean for s, r in results.items()})
         return res
     finally:
@@ -378,6 +390,7 @@ def evaluate_checkpoint(load_path,  # a checkpoint file (best.pth, last.pth) or 
     _check_numbers(cfg, _TEST_OPTIONS)
     _val_probe(cfg)
     backbone = backbone_from_checkpoint(st, p / 'best.pth' if p.is_dir() else p)
+    init_distributed()   # under torchrun, each process tests its share of the episodes
     splits = get_benchmark(cfg['dataset'], root=cfg['root'])
     if cfg['size'] is not None and not cfg['pretrained']:
         for s in ('train', 'val', 'test'): splits[s].size = cfg['size']

@@ -1,0 +1,178 @@
+"Several processes on torch.distributed: ranks and their seeds, episodes sharded and gathered, and fastai's `DistributedTrainer` for MTL."
+from __future__ import annotations
+import io
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from fastai.distributed import DistributedTrainer
+from fastai.torch_core import num_distrib, rank_distrib
+from torch import nn
+
+from .data.tasks import EpisodeDL, TaskDL, seeded_random
+
+__all__ = ['world', 'rank', 'is_main', 'init_distributed', 'rank_seed', 'local_batch', 'gather_objects',
+           'broadcast_object', 'peer_failed', 'unwrap', 'shard_episodes', 'gather_episodes', 'MTLDistributedTrainer']
+
+
+def _joined() -> bool: return dist.is_available() and dist.is_initialized()
+
+
+def world() -> int:
+    "Processes of the run: the process group's size, else the launcher's `WORLD_SIZE`, else 1."
+    return dist.get_world_size() if _joined() else max(1, num_distrib())
+
+
+def rank() -> int:
+    "This process's rank: the process group's, else the launcher's `RANK`, else 0."
+    return dist.get_rank() if _joined() else rank_distrib()
+
+
+def is_main() -> bool:
+    "Whether this process is rank 0, the one that writes the run's files."
+    return rank() == 0
+
+
+def init_distributed():
+    "Join the process group `torchrun` or `accelerate launch` set up (NCCL on GPUs, gloo on CPUs); nothing in one process."
+    # accelerate's state picks the backend and, on GPUs, this process's device, as its Accelerator later expects
+    if num_distrib() > 1 and not _joined():
+        from accelerate import PartialState
+        PartialState(cpu=not torch.cuda.is_available())
+
+
+def rank_seed(seed: int,   # the run's seed
+              r: int):     # a rank
+    "The seed of rank `r`'s training tasks and augmentation: a run is reproducible for a given number of processes."
+    return int(np.random.SeedSequence([seed, r]).generate_state(1)[0])
+
+
+def local_batch(meta_batch_size: int,   # tasks a step over all processes
+                n: int | None = None    # processes; None: `world()`
+                ) -> int:               # tasks a step on each process
+    "Each process's share of the tasks of a step; a `ValueError` with the fix when they do not divide evenly."
+    n = world() if n is None else n
+    if meta_batch_size % n:
+        lo, hi = meta_batch_size // n * n, (meta_batch_size // n + 1) * n
+        raise ValueError(f"meta_batch_size {meta_batch_size} is the number of tasks a step over all {n} processes, so it must "
+                         f"be a multiple of {n}: use {' or '.join(str(v) for v in (lo, hi) if v)}, or launch a number of "
+                         "processes that divides it")
+    return meta_batch_size // n
+
+
+def _bytes(obj) -> bytes:
+    # torch's own format: tensors inside plain pickles do not always survive torch.distributed's object collectives
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _object(data: bytes):
+    # written by `_bytes` in a process of this run, so the full unpickler is safe
+    return torch.load(io.BytesIO(data), map_location='cpu', weights_only=False)
+
+
+def gather_objects(obj  # tensors, arrays, numbers and containers of them
+                   ) -> list:
+    "`obj` of every process, in rank order; `[obj]` in one process."
+    if not _joined() or dist.get_world_size() == 1: return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, _bytes(obj))
+    return [_object(b) for b in out]
+
+
+def broadcast_object(obj  # rank 0's is kept, the others' are ignored
+                     ):
+    "Rank 0's `obj` on every process; `obj` itself in one process."
+    if not _joined() or dist.get_world_size() == 1: return obj
+    box = [_bytes(obj)]
+    dist.broadcast_object_list(box, 0)
+    return _object(box[0])
+
+
+def peer_failed(e: BaseException  # an error this process met
+                ) -> bool:
+    "Whether `e` is torch.distributed's report that another process of the run is gone."
+    # DDP's gradient hooks report a lost peer as a plain RuntimeError, in gloo's words
+    return world() > 1 and (isinstance(e, dist.DistError) or any(w in str(e) for w in ('closed by peer', 'remote worker')))
+
+
+def unwrap(model: nn.Module  # a model, perhaps in `DistributedDataParallel` or `DataParallel`
+           ) -> nn.Module:
+    "The model inside a data-parallel wrapper, else `model`."
+    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+
+
+def shard_episodes(dl: EpisodeDL  # fixed episodes, the same on every process
+                   ) -> EpisodeDL:
+    "This rank's consecutive share of `dl`'s episodes, in whole batches; `dl` itself in one process or when already a share."
+    if world() == 1 or not _joined() or getattr(dl, 'shard', None) is not None: return dl
+    n = len(dl.episodes)
+    # whole batches a rank: each rank's batches are batches of one process, so features and probes match it exactly
+    per = math.ceil(math.ceil(n / dl.bs) / world()) * dl.bs
+    lo, hi = min(n, rank() * per), min(n, (rank() + 1) * per)
+    # a new loader seeds itself from Python's `random`, which draws the training tasks
+    with seeded_random(None): out = dl.new(episodes=dl.episodes[lo:hi])
+    out.shard = (lo, hi, n)
+    return out
+
+
+def gather_episodes(accs: dict,      # per-episode accuracies by shot count, of the episodes of `dl`
+                    dl: EpisodeDL    # the episodes scored: a share from `shard_episodes`, or all of them
+                    ) -> dict:       # per-episode accuracies of all the episodes, in their order
+    "Per-episode accuracies of every rank's share, put together in episode order; `accs` itself when `dl` is not a share."
+    if getattr(dl, 'shard', None) is None: return accs
+    parts = gather_objects(accs)
+    # an empty share (fewer episodes than ranks) must not change the others' dtype
+    return {s: np.concatenate([p[s] for p in parts if len(p[s])] or [accs[s]]) for s in accs}
+
+
+class MTLDistributedTrainer(DistributedTrainer):
+    "fastai's `DistributedTrainer` for MTL: each rank trains on its share of a step's tasks, and scores its share of the episodes."
+    def __init__(self, sync_bn=False,   # batch statistics over all processes (`nn.SyncBatchNorm`, GPUs only)
+                 **kwargs):             # passed to accelerate's `Accelerator`
+        from accelerate import DistributedDataParallelKwargs
+        # fastai's freeze (`freeze_epochs`, `fine_tune`) leaves the backbone without gradients for whole epochs, and DDP
+        # then waits for them unless it looks for unused parameters
+        handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
+        # without `cpu`, accelerate runs CPU processes side by side, each training alone
+        super().__init__(sync_bn, **{'cpu': not torch.cuda.is_available(), 'kwargs_handlers': handlers, **kwargs})
+
+    def before_fit(self):
+        if self.sync_bn and self.accelerator.device.type == 'cpu':
+            raise ValueError("sync_bn (SyncBatchNorm) runs on GPUs only: train on CPUs without it (sync_bn=False)")
+        super().before_fit()
+
+    def _wrap_dl(self, dl):
+        if getattr(dl, 'rank_share', False): return dl
+        if isinstance(dl, EpisodeDL): return shard_episodes(dl)
+        if not isinstance(dl, TaskDL): return super()._wrap_dl(dl)
+        # the same steps an epoch as in one process, each of `meta_batch_size` tasks over all ranks
+        bs = local_batch(dl.bs, self.accelerator.num_processes)
+        with seeded_random(None): out = dl.new(bs=bs, n=len(dl) * bs)
+        out.rank_share = True
+        return out
+
+    def after_loss(self):
+        # the recorded loss, and what trackers of it see, is the mean over all the step's tasks, as in one process
+        if self.training: self.learn.loss = self.accelerator.reduce(self.loss.detach().clone(), 'mean')
+
+    def after_train(self):
+        acc = getattr(self.learn, 'task_accuracy', None)
+        if acc is None or not acc.total: return
+        # task_acc over all the epoch's tasks, as in one process
+        counts = torch.tensor([int(acc.correct), int(acc.total)], device=self.accelerator.device)
+        acc.correct, acc.total = (int(v) for v in self.accelerator.reduce(counts, 'sum').tolist())
+
+    def before_validate(self):
+        super().before_validate()
+        self._same_buffers()
+
+    def after_fit(self):
+        self._same_buffers()
+        super().after_fit()
+
+    def _same_buffers(self):
+        "Rank 0's buffers (BatchNorm statistics) on every rank: all score, and end with, the weights rank 0 saves."
+        for b in unwrap(self.learn.model).buffers(): dist.broadcast(b.data, 0)
