@@ -144,7 +144,7 @@ def _options(given: dict, base: dict | None = None) -> dict:
     return cfg
 
 
-# numeric options: name -> (the least value, what it counts); None where the option may also be None
+# numeric options: name -> the least value it takes (size and num_workers may also be None)
 _LEAST = {'train_ways': 2, 'test_ways': 2, 'train_shots': 0, 'train_queries': 0, 'test_shots': 1, 'test_queries': 1,
           'meta_batch_size': 1, 'epoch_length': 1, 'val_epoch_length': 1, 'final_test_epoch_length': 1, 'max_epochs': 0,
           'decay_patience': 1, 'stop_patience': 1, 'seed': 0, 'size': 8, 'num_workers': 0, 'weight_decay': 0.,
@@ -158,7 +158,7 @@ def _check_numbers(cfg, names):
     "Fail on the first numeric option of `names` out of its range, naming the option and the values it takes."
     for k in names:
         v = cfg[k]
-        if v is None and k in ('size', 'num_workers', 'gpu'): continue
+        if v is None and k in ('size', 'num_workers'): continue
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (k in _LEAST and isinstance(_LEAST[k], int) and v != int(v)):
             raise ValueError(f"{k} must be a number, got {v!r}")
         if k in _LEAST and v < _LEAST[k]: raise ValueError(f"{k} must be at least {_LEAST[k]}, got {v}: {OPTIONS[k][1]}")
@@ -303,8 +303,11 @@ def _fit(learn, cfg, start: int, cbs):
     # launched by torchrun or accelerate launch, data parallel on all processes; in one process, as it is
     with learn.distrib_ctx(sync_bn=cfg['sync_bn']):
         if cfg['scheduler'] == 'one_cycle': learn.fit_one_cycle(n, lr, cbs=cbs, start_epoch=start)
-        elif cfg['scheduler'] == 'step': learn.fit_step(n, lr, cfg['decay_patience'], cfg['decay_rate'], cbs=cbs, start_epoch=start)
-        else: learn.fit_plateau(n, lr, cfg['decay_patience'], 1 / cfg['decay_rate'], cfg['stop_patience'], cbs=cbs, start_epoch=start)
+        elif cfg['scheduler'] == 'step':
+            learn.fit_step(n, lr, cfg['decay_patience'], cfg['decay_rate'], cbs=cbs, start_epoch=start)
+        else:
+            learn.fit_plateau(n, lr, cfg['decay_patience'], 1 / cfg['decay_rate'], cfg['stop_patience'], cbs=cbs,
+                              start_epoch=start)
 
 
 def _history(learn, resumed) -> pd.DataFrame:
