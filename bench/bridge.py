@@ -33,6 +33,7 @@ from fsmtl.algorithms import meta_learner, native_evaluate
 from fsmtl.data.block import mtl_dls
 from fsmtl.evaluate import evaluate
 from fsmtl.learner import plateau_cbs
+from fsmtl.runlog import quiet
 
 HAS_QPTH = importlib.util.find_spec('qpth') is not None and importlib.util.find_spec('cvxpy') is not None
 ALGOS = ['mtl', 'protonet', 'r2d2'] + (['metaoptnet'] if HAS_QPTH else []) + ['anil', 'maml']
@@ -68,8 +69,7 @@ def one(args):
     learn = meta_learner(dls, args.one, arch_kwargs=dict(channels=tuple(int(c) for c in args.channels.split(','))),
                          lr=args.lr, adaptation_steps=args.adaptation_steps, adaptation_lr=args.adaptation_lr,
                          first_order=args.first_order)
-    learn.remove_cbs(learn.progress)
-    learn.logger = lambda *_: None
+    quiet(learn)   # no bars or epoch table: the output is one JSON line
     budget = Budget(args.budget)
     learn.fit(10_000, args.lr, cbs=[budget, *plateau_cbs()])
     learn.model.load_state_dict(budget.state)

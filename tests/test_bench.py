@@ -78,3 +78,19 @@ def test_gpu_bench_smoke_run_on_the_cpu():
 def test_gpu_bench_without_cuda_says_how_to_run_it():
     res = run_bench('gpu.py', check=False)
     assert res.returncode != 0 and 'CUDA' in res.stderr and '--device cpu' in res.stderr
+
+
+def test_bridge_writes_one_row_per_algorithm(tmp_path):
+    # tiny settings: two algorithms, a few seconds each, output piped (no terminal), as a user's log file gets it
+    out = tmp_path / 'table.md'
+    res = run_bench('bridge.py', '--algorithms', 'mtl,protonet', '--budget', '2', '--channels', '8,8,8,8', '--tasks', '2',
+                    '--epoch_length', '4', '--val_episodes', '4', '--test_episodes', '8', '--native_episodes', '4',
+                    '--root', str(tmp_path), '--out', str(out))
+    rows = [l for l in out.read_text().splitlines() if l.startswith('| ') and not l.startswith('| algorithm')]
+    assert [r.split('|')[1].strip() for r in rows] == ['mtl', 'protonet'], res.stdout
+    for r in rows:
+        cells = [c.strip() for c in r.split('|')[2:-1]]
+        assert 'failed' not in r and re.fullmatch(NUM + r' ± ' + NUM, cells[2]), r   # test 5-shot: mean ± CI, in %
+        assert 0 < float(cells[2].split(' ')[0]) <= 100
+    # the native head's columns: none for MTL, ProtoNet's prototypes for protonet
+    assert rows[0].split('|')[5].strip() == '-' and re.fullmatch(NUM + r' ± ' + NUM, rows[1].split('|')[5].strip())
