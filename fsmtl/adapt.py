@@ -4,10 +4,12 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from fastai.data.transforms import Normalize
 from fastprogress.fastprogress import progress_bar
 from torch import nn
 
 from .data.transforms import BatchColorJitter, BatchCropFlip, lee19_padding
+from .data.tasks import shot_counts
 from .evaluate import EpisodeScorer
 from .features import _forward, extract_features, feature_model, model_device
 
@@ -58,17 +60,18 @@ def finetune_copy(backbone: nn.Module,       # the trained backbone; it is left 
 
 def finetuned_accuracy(model,              # a backbone, or a model with a `backbone`
                        dl,                 # an `EpisodeDL`: fixed episodes, class-major, supports first
-                       mean,               # per-channel mean of `dl`'s normalisation
-                       std,                # per-channel std of `dl`'s normalisation
                        shots=(1, 5),       # shot counts; each fine-tunes its own copy on its own supports
                        probe='logistic',   # a probe name for `get_probe`, or a probe
-                       steps: int = 50,    # fine-tuning steps of each episode
+                       steps: int = 50,    # fine-tuning steps per episode
                        lr: float = 1e-3,   # fine-tuning learning rate
-                       chunk: int = 256,   # images a forward pass
-                       seed: int = 0,      # fixes each episode's augmentation draws
+                       chunk: int = 256,   # images per forward pass
+                       seed: int | None = None,  # fixes each episode's augmentation draws; None: the episodes' seed
                        progress: bool = False):  # show a progress bar
-    "Per-episode query accuracy of each shot count, every episode scored on a copy of the backbone fine-tuned on its supports."
-    backbone, counts = feature_model(model), [shots] if isinstance(shots, int) else list(shots)
+    "Per-episode query accuracy per shot count, each episode scored by a copy fine-tuned on its supports."
+    backbone, counts = feature_model(model), shot_counts(shots)
+    norm = next(t for t in dl.after_batch.fs if isinstance(t, Normalize))   # the loader's own normalisation
+    mean, std = norm.mean.flatten().tolist(), norm.std.flatten().tolist()
+    seed = dl.seed if seed is None else seed
     scorers = {s: EpisodeScorer(dl.ways, dl.per_class, dl.queries, [s], probe) for s in counts}
     k = 0
     for x, _ in (progress_bar(dl, leave=False) if progress else dl):

@@ -9,7 +9,8 @@ from fastcore.meta import delegates
 from fastprogress.fastprogress import progress_bar
 from torch import nn
 
-from .evaluate import EvalResult, EvalResults, chunked_episode_dl
+from .data.tasks import shot_counts
+from .evaluate import EvalResult, EvalResults, episode_loader
 from .features import extract_features, model_device
 from .learner import MTLLearner, mtl_learner
 
@@ -340,7 +341,7 @@ def native_accuracy(model,               # a model of `meta_model`
                     progress: bool = False):  # show a progress bar
     "Per-episode query accuracy of `dl`'s episodes for each shot count, by the algorithm's own head (as `episodic_accuracy`)."
     _check_native(model)
-    counts = [shots] if isinstance(shots, int) else list(shots)
+    counts = shot_counts(shots)
     yq = torch.arange(dl.ways, device=dl.device).repeat_interleave(dl.queries)
     accs = {s: [] for s in counts}
     for x, _ in (progress_bar(dl, leave=False) if progress else dl):
@@ -350,20 +351,21 @@ def native_accuracy(model,               # a model of `meta_model`
 
 
 def native_evaluate(model,                 # a model of `meta_model`
-                    splits,                # `FewShotSplits`
+                    source,                # an `EpisodeDL`, `mtl_dls`'s DataLoaders, `FewShotSplits` or a benchmark name
                     split: str = 'test',   # the split of the episodes
-                    ways: int = 5,         # classes in an episode
-                    shots=(1, 5),          # shot counts, all scored on the same episodes and query images
-                    queries: int = 15,     # query images of each class
-                    episodes: int = 2000,  # episodes
-                    seed: int = 0,         # fixes the episodes: the same as `evaluate`'s for the same arguments
+                    ways: int | None = None,      # classes per episode; None: the loader's, else 5
+                    shots=(1, 5),                 # shot counts, all scored on the same episodes and query images
+                    queries: int | None = None,   # query images per class; None: the loader's, else 15
+                    episodes: int | None = None,  # episodes; None: the loader's, else 2000
+                    seed: int | None = None,      # fixes the episodes; None: the loader's, else 0
                     chunk: int = 256,      # images loaded at once
                     progress: bool = True  # show a progress bar
                     ) -> EvalResults:
-    "The episodic test with the algorithm's own head (prototypes, SVM, ridge, MAML's adaptation): mean ± 95% CI by shot count."
-    counts = [shots] if isinstance(shots, int) else list(shots)
+    "The episodic test by the algorithm's own head (prototypes, SVM, ridge, MAML's adaptation): mean ± 95% CI."
+    counts = shot_counts(shots)
     _check_native(model)   # before any episode is drawn
-    dl = chunked_episode_dl(splits, split, ways, max(counts), queries, episodes, seed, chunk, model_device(model))
+    dl = episode_loader(source, split, counts[-1], model_device(model), chunk, ways=ways, queries=queries, n=episodes,
+                        seed=seed)
     accs = native_accuracy(model, dl, counts, chunk, progress)
-    results = EvalResults({s: EvalResult(a, ways, s, queries) for s, a in accs.items()})
+    results = EvalResults({s: EvalResult(a, dl.ways, s, dl.queries) for s, a in accs.items()})
     return results if not isinstance(shots, int) else results[shots]

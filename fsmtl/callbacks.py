@@ -10,35 +10,28 @@ from fastai.learner import Recorder, ValueMetric
 from fastcore.basics import store_attr
 from fastcore.foundation import L
 
-from .data.tasks import EpisodeDL
+from .data.tasks import EpisodeDL, shot_counts
 from .distributed import gather_episodes, shard_episodes
-from .evaluate import EpisodeScorer, EvalResult, EvalResults, chunked_episode_dl, episodic_accuracy
+from .evaluate import EpisodeScorer, EvalResult, EvalResults
 from .features import extract_features, model_device
 
 __all__ = ['EpisodicEval', 'TaskAccuracy', 'StopOnNaN', 'AMP']
 
-# epochs that skip validation hand fastai an empty loader, on purpose
-warnings.filterwarnings('ignore', message='Your generator is empty', module='fastprogress')
-
 
 class EpisodicEval(Callback):
-    "Score fixed validation episodes every `every` epochs and report `episodic_acc` and `episodic_ci` (95% CI half-width); `results` keeps the last `EvalResults`."
+    "Score the validation episodes (`dls.valid`) as `episodic_acc` and `episodic_ci` (95% CI half-width)."
     order = Recorder.order - 1   # its metrics must exist when the Recorder names its columns and logs them
 
     def __init__(self,
-                 every: int = 1,             # score every this many epochs, and after the last; other epochs show nan
-                 episodes: int = 400,        # fixed validation episodes
-                 ways: int = 5,              # classes in an episode
-                 shots=5,                    # support images a class; a tuple like (1, 5) adds a column a shot count
-                 queries: int = 15,          # query images a class
-                 probe='logistic',           # 'logistic' (= 'l2'), 'sklearn', 'proto', or a probe
-                 seed: int = 0,              # fixes the episodes
-                 split: str = 'val',         # the split of the DataLoaders' benchmark to draw episodes from
-                 chunk: int = 256):          # images loaded and passed forward at once
+                 every: int = 1,        # score every this many epochs, and after the last; other epochs show nan
+                 shots=5,               # support images per class; a tuple like (1, 5) adds a column per shot count
+                 probe='logistic',      # 'logistic' (= 'l2'), 'sklearn', 'proto', or a probe
+                 chunk: int = 256):     # images per forward pass
         store_attr()
         if every < 1: raise ValueError(f"every must be at least 1, got {every}")
-        self.shot_counts = sorted({shots} if isinstance(shots, int) else set(shots))
-        self.value, self.results, self._dl, self._in_fit = {}, None, None, False
+        self.shot_counts = shot_counts(shots)
+        # `results`: the last scoring's `EvalResults`
+        self.value, self.results, self.scorer, self._in_fit, self._quiet = {}, None, None, False, None
 
     def _names(self, s):
         "Metric names of shot count `s`: the largest is `episodic_acc`/`episodic_ci`, others carry their shots."
@@ -52,24 +45,6 @@ class EpisodicEval(Callback):
         new = [ValueMetric(lambda n=n: self.value.get(n, float('nan')), n) for n in names if n not in have]
         if new: self.learn.metrics = self.learn.metrics + new
 
-    def episode_loader(self) -> EpisodeDL:
-        "The validation episodes: drawn once from the DataLoaders' benchmark (`mtl_dls` sets `dls.splits`)."
-        dls, device = self.learn.dls, model_device(self.learn.model)
-        key = (id(dls), str(device))
-        if self._dl is None or self._key != key:
-            splits, most = getattr(dls, 'splits', None), self.shot_counts[-1]
-            if splits is not None:
-                self._dl = chunked_episode_dl(splits, self.split, self.ways, most, self.queries, self.episodes, self.seed,
-                                              self.chunk, device)
-            elif isinstance(dls.valid, EpisodeDL) and dls.valid.shots >= most:
-                self._dl = dls.valid
-            else:
-                raise ValueError("EpisodicEval draws its episodes from the benchmark of DataLoaders made by mtl_dls "
-                                 "(dls.splits), or uses dls.valid when it is an EpisodeDL with enough shots")
-            self._key = key
-        # under torch.distributed, this rank's share of the episodes; `after_validate` gathers all their accuracies
-        return shard_episodes(self._dl)
-
     def before_fit(self):
         self._in_fit, self.value = True, {}
         self._add_metrics()
@@ -80,18 +55,25 @@ class EpisodicEval(Callback):
         self.scorer = None
         # lr_find, and get_preds or summary on other batches than the validation set's, are left to fastai alone
         if hasattr(self.learn, 'lr_finder') or self.learn.dl is not self.learn.dls.valid: return
+        dl = self.learn.dl
+        if not isinstance(dl, EpisodeDL) or dl.shots < self.shot_counts[-1]:
+            raise ValueError(f"EpisodicEval scores dls.valid, which must be an EpisodeDL of at least {self.shot_counts[-1]} "
+                             f"shots, as mtl_dls makes (test_shots): it is {type(dl).__name__}"
+                             + (f" of {dl.shots} shots" if isinstance(dl, EpisodeDL) else ''))
         self._add_metrics()
-        due = not self._in_fit or (self.epoch + 1) % self.every == 0 or self.epoch + 1 == self.n_epoch
         self.value = {}
-        if not isinstance(self.learn.dls.valid, EpisodeDL):
-            # the DataLoaders' own validation set is left to fastai; the episodes are scored beside it
-            if due: self.value = self.score()
-        elif due:
-            # fastai's loop runs over the episodes (with its progress bar); `before_batch` takes their features
-            dl = self.learn.dl = self.episode_loader()
-            self.scorer = EpisodeScorer(dl.ways, dl.per_class, dl.queries, self.shot_counts, self.probe)
-        else:
-            self.learn.dl = []   # nothing to score this epoch, and no loss to compute on novel classes
+        if self._in_fit and (self.epoch + 1) % self.every and self.epoch + 1 != self.n_epoch:
+            # nothing to score this epoch, and no loss to compute on novel classes: fastai gets no batches, and its
+            # progress bar's warning about them is silenced until `after_validate`
+            self._quiet = warnings.catch_warnings()
+            self._quiet.__enter__()
+            warnings.filterwarnings('ignore', message='Your generator is empty', module='fastprogress')
+            self.learn.dl = []
+            return
+        # fastai's loop runs over the episodes (with its progress bar); `before_batch` takes their features. Under
+        # torch.distributed, each rank scores its share of them and `after_validate` gathers all their accuracies
+        dl = self.learn.dl = shard_episodes(dl)
+        self.scorer = EpisodeScorer(dl.ways, dl.per_class, dl.queries, self.shot_counts, self.probe)
 
     def before_batch(self):
         if self.training or self.scorer is None: return
@@ -100,16 +82,11 @@ class EpisodicEval(Callback):
         raise CancelBatchException
 
     def after_validate(self):
-        if self.scorer is not None: self.value, self.scorer = self._metrics(gather_episodes(self.scorer.result(), self.learn.dl)), None
-
-    def score(self) -> dict:
-        "Accuracy and CI half-width of each shot count on the validation episodes, by metric name."
-        return self._metrics(episodic_accuracy(self.learn.model, self.episode_loader(), self.shot_counts,
-                                               probe=self.probe, chunk=self.chunk))
-
-    def _metrics(self, accs) -> dict:
-        self.results = EvalResults({s: EvalResult(a, self.ways, s, self.queries) for s, a in accs.items()})
-        return {name: v for s, r in self.results.items() for name, v in zip(self._names(s), (r.mean, r.ci95))}
+        if self._quiet is not None: self._quiet.__exit__(None, None, None); self._quiet = None
+        if self.scorer is None: return
+        accs, dl, self.scorer = self.scorer.result(), self.learn.dl, None
+        self.results = EvalResults({s: EvalResult(a, dl.ways, s, dl.queries) for s, a in gather_episodes(accs, dl).items()})
+        self.value = {n: v for s, r in self.results.items() for n, v in zip(self._names(s), (r.mean, r.ci95))}
 
 
 class TaskAccuracy(Callback):

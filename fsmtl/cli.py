@@ -31,8 +31,8 @@ def _data(args):
         # the smallest tasks that show two images a class, so that small folders can be looked at too
         ways = lambda *ss: min(5, *(splits[s].n_classes for s in ss))
         dls = mtl_dls(splits, train_ways=ways('train'), train_shots=1, train_queries=1, meta_batch_size=4, epoch_length=4,
-                      test_ways=ways('val', 'test'), test_shots=1, test_queries=1, val_episodes=1, test_episodes=1,
-                      augment=False, device='cpu')
+                      test_ways=ways('val', 'test'), test_shots=1, final_shots=1, test_queries=1, val_episodes=1,
+                      test_episodes=1, augment=False, device='cpu')
         dls.train.show_batch(max_n=4, per_class=2)
         plt.savefig(args.show, bbox_inches='tight')
         print(f"a training batch, tasks as rows: {args.show}")

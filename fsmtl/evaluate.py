@@ -11,13 +11,13 @@ from fastprogress.fastprogress import progress_bar
 from .data.benchmarks import get_benchmark
 from .data.block import episode_dl
 from .data.core import FewShotSplits
-from .data.tasks import EpisodeDL
+from .data.tasks import EpisodeDL, shot_counts
 from .distributed import gather_episodes, shard_episodes
 from .features import extract_features, model_device
 from .probe import get_probe
 from .runlog import interactive
 
-__all__ = ['EvalResult', 'EvalResults', 'EpisodeScorer', 'ci95', 'episodic_accuracy', 'evaluate']
+__all__ = ['EvalResult', 'EvalResults', 'EpisodeScorer', 'ci95', 'episodic_accuracy', 'episode_loader', 'evaluate']
 
 
 def ci95(accs  # accuracy of each episode
@@ -61,8 +61,7 @@ class EpisodeScorer:
                  probe='logistic',       # a probe name for `get_probe`, or a probe
                  group: int = 2 ** 15):  # feature rows kept before the probe runs on their episodes
         self.ways, self.per_class, self.queries, self.probe, self.group = ways, per_class, queries, probe, group
-        self.shots = [shots] if isinstance(shots, int) else list(shots)
-        if not self.shots or min(self.shots) < 1: raise ValueError(f"shot counts must be at least 1, got {shots}")
+        self.shots = shot_counts(shots)
         if queries < 1: raise ValueError(f"queries must be at least 1, got {queries}")
         if max(self.shots) > per_class - queries:
             raise ValueError(f"the episodes have {per_class - queries} support images a class, fewer than {max(self.shots)} shots")
@@ -104,58 +103,93 @@ def episodic_accuracy(model,                     # a backbone, or a model with a
     return gather_episodes(scorer.result(), dl)
 
 
-def chunked_episode_dl(splits, split, ways, shots, queries, episodes, seed, chunk, device) -> EpisodeDL:
-    "`episode_dl` with as many episodes a batch as fit in `chunk` images (one at least), on `device`."
-    bs = max(1, chunk // (ways * (shots + queries)))
-    return episode_dl(splits, split, ways, shots, queries, n=episodes, bs=bs, seed=seed, device=device)
-
-
 def _episodes_source(data, split):
     "The `FewShotSplits` behind `data`: the splits themselves, `mtl_dls`'s DataLoaders, or a benchmark name."
     if isinstance(data, FewShotSplits): return data
     if isinstance(data, str): return get_benchmark(data)
     if hasattr(data, 'splits'): return data.splits
-    raise TypeError(f"cannot take {split} episodes from {type(data).__name__}: pass FewShotSplits, "
+    raise TypeError(f"cannot take {split} episodes from {type(data).__name__}: pass an EpisodeDL, FewShotSplits, "
                     "DataLoaders from mtl_dls, or a benchmark name")
+
+
+# what `episode_loader` draws when neither the caller nor a loader says otherwise
+DRAW = dict(ways=5, queries=15, n=2000, seed=0)
+
+
+def episode_loader(source,                 # an `EpisodeDL`, `mtl_dls`'s DataLoaders, `FewShotSplits` or a benchmark name
+                   split: str = 'test',    # DataLoaders: 'val' is `dls.valid`, 'test' `dls[2]`; else the split to draw
+                   shots: int = 5,         # the most support images per class that will be scored
+                   device=None,            # the device of the model; None: the loader's, or fastai's default
+                   chunk: int = 256,       # images per batch at most, for episodes drawn here
+                   **draw                  # ways, queries, n, seed; None or absent: the loader's, else `DRAW`'s
+                   ) -> EpisodeDL:
+    "The episodes to score: the DataLoaders' own when they have what is asked, else drawn from the benchmark."
+    asked = {k: v for k, v in draw.items() if v is not None}
+    unknown = set(asked) - set(DRAW)
+    if unknown: raise TypeError(f"unknown episode setting(s) {', '.join(sorted(unknown))}: use {', '.join(DRAW)}")
+    split = 'val' if split == 'valid' else split
+    dl = source if isinstance(source, EpisodeDL) else _loader(source, split)
+    if dl is not None:
+        have = dict(ways=dl.ways, queries=dl.queries, n=len(dl.episodes), seed=dl.seed)
+        fits = dl.shots >= shots and all(have[k] == v for k, v in asked.items())
+        if fits and (device is None or _same_device(dl.device, device)): return dl
+        if isinstance(source, EpisodeDL):
+            raise ValueError(f"these episodes are {dl.ways}-way with {dl.shots} shots, {dl.queries} queries, {have['n']} "
+                             f"of them (seed {dl.seed}), on {dl.device}: they cannot give {shots} shots, {asked} on {device}")
+        asked = {**have, **asked}
+    return episode_dl(_episodes_source(source, split), split, shots=shots, device=device, chunk=chunk, **{**DRAW, **asked})
+
+
+def _loader(dls, split):
+    "`mtl_dls`'s own `EpisodeDL` of `split` ('val' is `dls.valid`, 'test' `dls[2]`), or None."
+    loaders = getattr(dls, 'loaders', None)
+    if not loaders or split not in ('val', 'test'): return None
+    k = 1 if split == 'val' else 2
+    dl = loaders[k] if len(loaders) > k else None
+    return dl if isinstance(dl, EpisodeDL) else None
+
+
+def _same_device(a, b) -> bool:
+    a, b = torch.device(a or 'cpu'), torch.device(b)
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
 
 
 # defined before the function it calls, so that the module's name `evaluate` stays that function
 @patch
 def evaluate(self: Learner,
-             splits_or_dls=None,  # where the episodes come from; None: the learner's DataLoaders
-             **kwargs):           # the options of `evaluate`: split, ways, shots, episodes, probe ...
-    "The episodic test of this learner's backbone (see `evaluate`, defined below); episodes from its DataLoaders by default."
-    return evaluate(self, splits_or_dls, **kwargs)
+             source=None,  # where the episodes come from; None: the learner's DataLoaders
+             **kwargs):    # the options of `evaluate`: split, shots, probe, episodes ...
+    "The episodic test of this learner's backbone (see `evaluate`); its DataLoaders' test episodes by default."
+    return evaluate(self, source, **kwargs)
 
 
 def evaluate(learn_or_model,                 # a `Learner`, a model with a `backbone`, or a backbone
-             splits_or_dls=None,             # `FewShotSplits`, `mtl_dls`'s DataLoaders, or a benchmark name; None: the learner's
+             source=None,                    # an `EpisodeDL`, `mtl_dls`'s DataLoaders, `FewShotSplits` or a benchmark name
              split: str = 'test',            # 'test' for the final test, 'val' for validation classes
-             ways: int = 5,                  # classes in an episode
+             ways: int | None = None,        # classes per episode; None: the loader's, else 5
              shots=(1, 5),                   # shot counts, all scored on the same episodes and query images
-             queries: int = 15,              # query images of each class
-             episodes: int = 2000,           # episodes
+             queries: int | None = None,     # query images per class; None: the loader's, else 15
+             episodes: int | None = None,    # episodes; None: the loader's, else 2000
              probe='logistic',               # 'logistic' (= 'l2'), 'sklearn', 'proto', or a probe
-             seed: int = 0,                  # fixes the episodes
+             seed: int | None = None,        # fixes the episodes; None: the loader's, else 0
              chunk: int = 256,               # images loaded and passed forward at once: bounds memory
              group: int = 2 ** 15,           # feature rows kept before the probe runs on their episodes: bounds memory
              progress: bool = True,          # show a progress bar
              finetune_steps: int = 0,        # fine-tune a copy of the backbone on each episode's supports first (P>M>F)
              finetune_lr: float = 1e-3):     # the learning rate of that fine-tuning
-    "The episodic test of a backbone: an `EvalResult` (mean ± 95% CI) per shot count, an `EvalResults` when `shots` is a tuple."
+    "The episodic test of a backbone: mean ± 95% CI per shot count (`EvalResults`; one `EvalResult` for an int)."
     learn = learn_or_model if isinstance(learn_or_model, Learner) else None
     model = learn.model if learn is not None else learn_or_model
-    if splits_or_dls is None:
-        if learn is None: raise ValueError("pass the episodes' source: FewShotSplits, mtl_dls's DataLoaders, or a benchmark name")
-        splits_or_dls = learn.dls
-    splits = _episodes_source(splits_or_dls, split)
-    counts = [shots] if isinstance(shots, int) else list(shots)
-    if not counts or min(counts) < 1: raise ValueError(f"shot counts must be at least 1, got {shots}")
-    dl = chunked_episode_dl(splits, split, ways, max(counts), queries, episodes, seed, chunk, model_device(model))
+    if source is None:
+        if learn is None: raise ValueError("pass the episodes' source: an EpisodeDL, FewShotSplits, mtl_dls's DataLoaders, "
+                                           "or a benchmark name")
+        source = learn.dls
+    counts = shot_counts(shots)
+    dl = episode_loader(source, split, counts[-1], model_device(model), chunk, ways=ways, queries=queries, n=episodes,
+                        seed=seed)
     if finetune_steps:
         from .adapt import finetuned_accuracy   # it builds on this module's scorer
-        accs = finetuned_accuracy(model, dl, splits.mean, splits.std, shots, probe, finetune_steps, finetune_lr, chunk, seed,
-                                  progress)
-    else: accs = episodic_accuracy(model, dl, shots, probe=probe, chunk=chunk, group=group, progress=progress)
-    results = EvalResults({s: EvalResult(a, ways, s, queries) for s, a in accs.items()})
+        accs = finetuned_accuracy(model, dl, counts, probe, finetune_steps, finetune_lr, chunk, progress=progress)
+    else: accs = episodic_accuracy(model, dl, counts, probe=probe, chunk=chunk, group=group, progress=progress)
+    results = EvalResults({s: EvalResult(a, dl.ways, s, dl.queries) for s, a in accs.items()})
     return results if not isinstance(shots, int) else results[shots]

@@ -18,6 +18,7 @@ from fastai.callback.tracker import EarlyStoppingCallback, ReduceLROnPlateau
 from fastai.learner import Learner, Recorder
 from fastai.optimizer import SGD, Adam, OptimWrapper, RAdam
 from fastcore.basics import patch
+from fastcore.meta import delegates
 
 from .callbacks import AMP, EpisodicEval, StopOnNaN, TaskAccuracy
 from .data.core import FewShotSplits, Split
@@ -27,7 +28,7 @@ from .models import create_backbone
 from .pretrained import follow_input, input_config, mtl_splitter
 from .runlog import EpochTable, interactive
 
-__all__ = ['MTLModel', 'MultiTaskLoss', 'OPTIMIZERS', 'get_opt', 'MTLLearner', 'InputOnly', 'mtl_learner', 'plateau_cbs', 'step_sched']
+__all__ = ['MTLModel', 'MultiTaskLoss', 'OPTIMIZERS', 'TORCH_OPTIMIZER', 'get_opt', 'MTLLearner', 'InputOnly', 'mtl_learner', 'plateau_cbs', 'step_sched']
 
 
 class MTLModel(nn.Module):
@@ -80,41 +81,32 @@ class MultiTaskLoss(nn.Module):
         return F.cross_entropy(*self.task_logits(logits, y))
 
 
-def _torch_optimizer(name):
-    try: import torch_optimizer
-    except ImportError as e:
-        raise ImportError(f"the {name} optimiser comes from the torch-optimizer package: pip install torch-optimizer==0.3.0, "
-                          "or choose one of sgd, sgdw, adam, adamw, adamax, radam") from e
-    return getattr(torch_optimizer, {'sgdp': 'SGDP', 'adabound': 'AdaBound', 'adamp': 'AdamP'}[name])
-
-
-def _wrap(opt_cls, **defaults):
-    "A fastai optimiser function around the torch optimiser `opt_cls`."
-    return lambda params, lr, **kw: OptimWrapper(params, opt_cls, lr=lr, **defaults)
-
-
-# The original's names. fastai's decouple_wd=False is torch's L2 weight decay, True the decoupled (AdamW) kind.
+# The original code's optimiser names. fastai's decouple_wd=False is torch's L2 weight decay, True the decoupled (AdamW) kind;
+# torch's own optimisers go through fastai's `OptimWrapper`, as fastai documents.
 OPTIMIZERS = {
     'sgd': partial(SGD, mom=0.9, decouple_wd=False),
     'sgdw': partial(SGD, mom=0.9, decouple_wd=True),
     'adam': partial(Adam, decouple_wd=False),
     'adamw': partial(Adam, decouple_wd=True),
     'radam': partial(RAdam, decouple_wd=False),
-    'adamax': 'torch',
-    'sgdp': 'torch-optimizer', 'adabound': 'torch-optimizer', 'adamp': 'torch-optimizer',
+    'adamax': partial(OptimWrapper, opt=torch.optim.Adamax),
 }
+# the torch-optimizer package's, imported when asked for: name -> (its class, its defaults)
+TORCH_OPTIMIZER = {'sgdp': ('SGDP', dict(momentum=0.9)), 'adabound': ('AdaBound', {}), 'adamp': ('AdamP', {})}
 
 
-def get_opt(name: str):  # an optimiser name of `OPTIMIZERS`, in any case
-    "The fastai optimiser function of an optimiser named as in the original code (see `OPTIMIZERS`)."
+def get_opt(name: str):  # an optimiser name of `OPTIMIZERS` or `TORCH_OPTIMIZER`, in any case
+    "The fastai optimiser function of an optimiser named as in the original code."
     key = str(name).lower()
-    if key not in OPTIMIZERS: raise ValueError(f"unknown optimiser {name!r}: use one of {', '.join(OPTIMIZERS)}")
-    kind = OPTIMIZERS[key]
-    if kind == 'torch': return _wrap(torch.optim.Adamax)
-    if kind == 'torch-optimizer':
-        cls = _torch_optimizer(key)
-        return _wrap(cls, momentum=0.9) if key == 'sgdp' else _wrap(cls)
-    return kind
+    if key in OPTIMIZERS: return OPTIMIZERS[key]
+    if key not in TORCH_OPTIMIZER:
+        raise ValueError(f"unknown optimiser {name!r}: use one of {', '.join([*OPTIMIZERS, *TORCH_OPTIMIZER])}")
+    try: import torch_optimizer
+    except ImportError as e:
+        raise ImportError(f"the {key} optimiser comes from the torch-optimizer package: pip install torch-optimizer==0.3.0, "
+                          f"or choose one of {', '.join(OPTIMIZERS)}") from e
+    cls, defaults = TORCH_OPTIMIZER[key]
+    return partial(OptimWrapper, opt=partial(getattr(torch_optimizer, cls), **defaults))
 
 
 class MTLLearner(Learner):
@@ -148,12 +140,8 @@ class MTLLearner(Learner):
         "fastai's `export` for inference; of the DataLoaders only the input (size, mean, std) goes in, as `InputOnly`."
         # fastai's transforms dispatch through locks that cannot be pickled: the loaders stay behind
         old, self.dls = self.dls, InputOnly.of(self.dls)
-        evals = [(cb, cb._dl) for cb in self.cbs if isinstance(cb, EpisodicEval)]
-        for cb, _ in evals: cb._dl = None
         try: super().export(fname, **kwargs)
-        finally:
-            self.dls = old
-            for cb, dl in evals: cb._dl = dl
+        finally: self.dls = old
 
     def _do_fit(self):
         from fastai.callback.core import CancelEpochException
@@ -200,6 +188,7 @@ def step_sched(lr: float,      # the initial learning rate
 
 
 @patch
+@delegates(MTLLearner.fit)
 def fit_plateau(self: Learner,
                 n_epoch: int,             # the most epochs; early stopping may end sooner
                 lr=None,                  # learning rate; None: the learner's
@@ -207,19 +196,20 @@ def fit_plateau(self: Learner,
                 factor: float = 10.,      # the learning rate is divided by this
                 stop_patience: int = 15,  # epochs without a gain before training stops
                 cbs=None,                 # more callbacks for this fit
-                **kwargs):                # passed to `Learner.fit`
+                **kwargs):                # passed to `fit`: wd, reset_opt, start_epoch
     "Fit with the original's plateau schedule on `episodic_acc` (see `plateau_cbs`)."
     self.fit(n_epoch, lr, cbs=plateau_cbs(patience, factor, stop_patience) + list(cbs or []), **kwargs)
 
 
 @patch
+@delegates(MTLLearner.fit)
 def fit_step(self: Learner,
              n_epoch: int,       # epochs
              lr=None,            # the initial learning rate; None: the learner's
              every: int = 4,     # epochs between drops
              rate: float = 0.1,  # the learning rate is multiplied by this at each drop
              cbs=None,           # more callbacks for this fit
-             **kwargs):          # passed to `Learner.fit`
+             **kwargs):          # passed to `fit`: wd, reset_opt, start_epoch
     "Fit with the learning rate multiplied by `rate` every `every` epochs."
     lr = self.lr if lr is None else lr
     self.fit(n_epoch, lr, cbs=[ParamScheduler({'lr': step_sched(lr, every, rate, n_epoch)})] + list(cbs or []), **kwargs)
@@ -246,6 +236,7 @@ def plot_episodic(self: Recorder,
     return ax
 
 
+@delegates(Learner, but=['model', 'loss_func', 'opt_func', 'splitter'])
 def mtl_learner(dls,                          # DataLoaders from `mtl_dls`
                 arch: str = 'resnet12',       # a timm architecture (fsmtl registers resnet12)
                 pretrained=False,             # True: timm's hub weights; a path: a local weights file
@@ -276,11 +267,9 @@ def mtl_learner(dls,                          # DataLoaders from `mtl_dls`
     if pretrained: follow_input(dls, **input_config(backbone, **given))
     elif any(v is not None for v in given.values()):
         follow_input(dls, size or splits.size, mean or splits.mean, std or splits.std, interpolation or splits.interpolation)
-    train, valid = dls.train, dls.valid
+    train = dls.train
     model = MTLModel(backbone, nf, splits.train.n_classes, train.ways, norm_train_features)
-    evals = EpisodicEval(every=eval_every, episodes=valid.n, ways=valid.ways, shots=dls.test_shots, queries=valid.queries,
-                         probe=probe, seed=valid.seed)
-    extra = [evals, TaskAccuracy(), StopOnNaN()]
+    extra = [EpisodicEval(every=eval_every, shots=dls.test_shots, probe=probe), TaskAccuracy(), StopOnNaN()]
     if precision != 'fp32': extra.append(AMP(precision))
     if channels_last: extra.append(ChannelsLast())
     # fastai's convention: a frozen backbone's batch-norm layers train, unless train_bn=False, which also keeps their statistics

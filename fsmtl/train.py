@@ -16,8 +16,9 @@ from fastai.torch_core import default_device, set_seed
 
 from .algorithms import META_ALGORITHMS, check_meta, meta_learner, meta_model, native_evaluate
 from .checkpoint import Checkpoints, backbone_from_checkpoint, load_weights, own_rng_state, read_checkpoint
-from .data.block import mtl_dls
+from .data.block import FINAL_SHOTS, mtl_dls
 from .data.benchmarks import get_benchmark
+from .data.tasks import shot_counts
 from .distributed import broadcast_object, init_distributed, is_main, local_batch, rank, rank_seed, world
 from .evaluate import EvalResults, evaluate
 from .learner import get_opt, mtl_learner
@@ -86,7 +87,6 @@ OPTIONS = {
 ALGORITHMS = ('mtl', *META_ALGORITHMS)
 META_OPTIONS = ('adaptation_steps', 'adaptation_lr', 'first_order', 'svm_C', 'svm_max_iters', 'ridge_lambda')
 SCHEDULERS = ('plateau', 'step', 'one_cycle')
-FINAL_SHOTS = (1, 5)
 
 # The original code's published recipes (ResNet-12, `--algorithm mtl`), each with the 5-way test accuracy (%, mean ±
 # 95% CI) the paper reports for it: `train(r['dataset'], **r['options'])` or `fsmtl train` with `recipe_command(r)`.
@@ -224,15 +224,13 @@ def _load_weights(model, st, source, head: bool = True):
         with torch.no_grad(): model.head.copy_(st['head'])
 
 
-def _final_test(model, splits, cfg, progress) -> EvalResults:
-    "The final test: 1- and 5-shot (and `test_shots`) on the same fixed test episodes."
-    shots = tuple(sorted({*FINAL_SHOTS, int(cfg['test_shots'])}))
-    if cfg['test_method'] == 'native':
-        return native_evaluate(model, splits, 'test', cfg['test_ways'], shots, cfg['test_queries'],
-                               cfg['final_test_epoch_length'], cfg['seed'], progress=progress)
-    return evaluate(model, splits, split='test', ways=cfg['test_ways'], shots=shots, queries=cfg['test_queries'],
-                    episodes=cfg['final_test_epoch_length'], probe=get_probe(cfg['test_method'], cfg['test_l2']),
+def _final_test(model, source, cfg, progress) -> EvalResults:
+    "The final test: 1- and 5-shot (and `test_shots`) on the test episodes (`source`'s own, or drawn from it)."
+    shots = tuple(shot_counts([*FINAL_SHOTS, cfg['test_shots']]))
+    episodes = dict(ways=cfg['test_ways'], queries=cfg['test_queries'], episodes=cfg['final_test_epoch_length'],
                     seed=cfg['seed'], progress=progress)
+    if cfg['test_method'] == 'native': return native_evaluate(model, source, 'test', shots=shots, **episodes)
+    return evaluate(model, source, 'test', shots=shots, probe=get_probe(cfg['test_method'], cfg['test_l2']), **episodes)
 
 
 def _run_dir(cfg) -> Path:
@@ -351,8 +349,9 @@ def _train_in(cfg, resumed, run_dir) -> TrainResult:
     learn = _learner(cfg, device)
     # the same initial weights on every process, then each its own training tasks and augmentation
     if resumed is None and world() > 1: set_seed(rank_seed(cfg['seed'], rank()))
-    splits, model = learn.dls.splits, learn.model
+    dls, model = learn.dls, learn.model
     if cfg['load_path'] and resumed is None: _load_weights(model, read_checkpoint(cfg['load_path']), cfg['load_path'])
+    splits = dls.splits
     meta = dict(arch=cfg['model'], arch_kwargs=dict(cfg['model_kwargs'] or {}), size=splits.size, mean=list(splits.mean),
                 std=list(splits.std), interpolation=splits.interpolation, n_base=splits.train.n_classes,
                 norm_train_features=cfg['norm_train_features'], config=_json_config(cfg))
@@ -361,7 +360,7 @@ def _train_in(cfg, resumed, run_dir) -> TrainResult:
     cbs = _loggers(cfg, run_dir, resumed)
     wandb_run = sys.modules['wandb'].run if cfg['wandb'] and not cfg['no_log'] and is_main() else None
     try:
-        untrained = _final_test(model, splits, cfg, cfg['progress']) if cfg['baseline'] and resumed is None else None
+        untrained = _final_test(model, dls, cfg, cfg['progress']) if cfg['baseline'] and resumed is None else None
         if resumed is not None:
             _load_weights(model, resumed, run_dir / 'last.pth')
             learn.create_opt()
@@ -371,7 +370,7 @@ def _train_in(cfg, resumed, run_dir) -> TrainResult:
         t2 = time.perf_counter()
         best = broadcast_object(read_checkpoint(ckpt.best_path) if is_main() and ckpt.best_path.exists() else None)
         if best is not None: _load_weights(model, best, ckpt.best_path)
-        results = _final_test(model, splits, cfg, cfg['progress'])
+        results = _final_test(model, dls, cfg, cfg['progress'])
         res = TrainResult(learn, _history(learn, resumed), results, untrained, run_dir, best['epoch'] if best else None,
                           dict(setup=t1 - t0, training=t2 - t1, test=time.perf_counter() - t2), cfg)
         if not cfg['no_log'] and is_main(): _write_results(res)

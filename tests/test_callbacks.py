@@ -23,7 +23,7 @@ def learner(glyph_splits, tmp_path):
     def make(*cbs, every=1, shots=5, **kwargs):
         dls = mtl_dls(glyph_splits, meta_batch_size=2, epoch_length=6, val_episodes=EPISODES, test_episodes=EPISODES,
                       device='cpu')
-        cb = EpisodicEval(every=every, episodes=EPISODES, shots=shots)
+        cb = EpisodicEval(every=every, shots=shots)
         return Learner(dls, Classifier(glyph_splits.train.n_classes), loss_func=CrossEntropyLossFlat(), path=tmp_path,
                        cbs=[cb, *cbs], **kwargs)
     return make
@@ -86,6 +86,6 @@ def test_needs_episodes(glyph_splits):
     dls.splits = None
     dls.valid.shots = 1   # too few supports for 5-shot episodes
     learn = Learner(dls, Classifier(glyph_splits.train.n_classes), loss_func=CrossEntropyLossFlat(),
-                    cbs=EpisodicEval(episodes=2))
+                    cbs=EpisodicEval())
     with pytest.raises(ValueError, match='mtl_dls'): learn.fit(1)
     with pytest.raises(ValueError, match='every'): EpisodicEval(every=0)

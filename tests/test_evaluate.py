@@ -56,7 +56,7 @@ def test_eval_result_and_repr():
 def test_episode_dl_draws_mtl_dls_episodes(ways, shots, queries):
     sp = coded_splits()
     dls = mtl_dls(sp, test_ways=ways, test_shots=(1, shots), test_queries=queries, val_episodes=6, test_episodes=9,
-                  seed=3, **SMALL)
+                  seed=3, final_shots=1, **SMALL)
     test = episode_dl(sp, 'test', ways, shots, queries, n=9, seed=3, device='cpu')
     assert test.episodes.shape == (9, ways * (shots + queries))
     assert np.array_equal(test.episodes, dls[2].episodes)
@@ -67,6 +67,11 @@ def test_episode_dl_draws_mtl_dls_episodes(ways, shots, queries):
         assert torch.equal(x.as_subclass(torch.Tensor), x2.as_subclass(torch.Tensor))
         assert torch.equal(y.as_subclass(torch.Tensor), y2.as_subclass(torch.Tensor))
     assert not np.array_equal(episode_dl(sp, 'test', ways, shots, queries, n=9, seed=4, device='cpu').episodes, test.episodes)
+    # by default the test episodes also hold the final test's 5 shots; an evaluation batch holds up to 256 images
+    dls = mtl_dls(sp, test_ways=ways, test_shots=shots, test_queries=queries, val_episodes=6, test_episodes=9, seed=3, **SMALL)
+    assert (dls.valid.shots, dls[2].shots, dls.final_shots) == (shots, 5, tuple(sorted({1, 5, shots})))
+    assert np.array_equal(dls[2].episodes, episode_dl(sp, 'test', ways, 5, queries, n=9, seed=3, device='cpu').episodes)
+    assert dls[2].bs == 256 // (ways * (5 + queries)) and dls.valid.bs == 256 // (ways * (shots + queries))
 
 
 # ---------------------------------------------------------------- models whose features are known

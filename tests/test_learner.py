@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from fastai.callback.core import Callback
 
 from fsmtl.data.block import mtl_dls
-from fsmtl.learner import OPTIMIZERS, MTLModel, MultiTaskLoss, get_opt, mtl_learner, step_sched
+from fsmtl.learner import OPTIMIZERS, TORCH_OPTIMIZER, MTLModel, MultiTaskLoss, get_opt, mtl_learner, step_sched
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 SMALL = dict(channels=(8, 16, 16, 32))   # a small ResNet-12 keeps CPU fits short
@@ -89,7 +89,11 @@ def test_optimisers_by_name():
     torch.testing.assert_close(steps(get_opt('sgd'), 0.01), torch_steps(torch.optim.SGD, momentum=0.9, weight_decay=0.01))
     assert not torch.allclose(steps(get_opt('sgdw'), 0.01), steps(get_opt('sgd'), 0.01))
     torch.testing.assert_close(steps(get_opt('adamax'), 0.), torch_steps(torch.optim.Adamax))
-    for name in OPTIMIZERS:
+    # fastai's OptimWrapper around torch-optimizer's classes, with the original code's momentum for SGDP
+    torch_optimizer = pytest.importorskip('torch_optimizer')
+    torch.testing.assert_close(steps(get_opt('sgdp'), 0.), torch_steps(torch_optimizer.SGDP, momentum=0.9))
+    torch.testing.assert_close(steps(get_opt('adamp'), 0.), torch_steps(torch_optimizer.AdamP))
+    for name in [*OPTIMIZERS, *TORCH_OPTIMIZER]:
         w = steps(get_opt(name), 0.)
         assert torch.isfinite(w).all() and not torch.allclose(w, steps(get_opt(name), 0., n=0)), name
     assert get_opt('RAdam') is get_opt('radam')

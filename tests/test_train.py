@@ -292,3 +292,18 @@ def test_step_schedule_through_train(glyph_root, tmp_path):
     assert lrs == pytest.approx([1e-3] * 4 + [1e-4] * 4)
     assert not (tmp_path / 'runs' / 'run' / 'history.csv').exists()   # no_log
     assert (tmp_path / 'runs' / 'run' / 'best.pth').exists()          # checkpoints are still written
+
+
+def test_episodes_are_drawn_once(glyph_root, tmp_path, monkeypatch):
+    # validation, the untrained baseline and the final test all score the EpisodeDLs mtl_dls made: no other is built
+    from fsmtl.data.tasks import EpisodeDL
+    made, init = [], EpisodeDL.__init__
+    monkeypatch.setattr(EpisodeDL, '__init__', lambda self, *a, **k: (made.append(k.get('n')), init(self, *a, **k))[-1])
+    res = train(**small(glyph_root, tmp_path, baseline=True, max_epochs=2, epoch_length=8))
+    assert made == [20, 40]   # val_epoch_length, final_test_epoch_length
+    dls = res.learner.dls
+    assert res.learner.episodic_eval.results[5].episodes == len(dls.valid.episodes) == 20
+    # asking for other episodes than the loader's draws them: the first 10 of the same seed's are the loader's first 10
+    few = res.learner.evaluate(episodes=10, progress=False)
+    assert made == [20, 40, 10]
+    for s in (1, 5): np.testing.assert_array_equal(few[s].accs, res.test[s].accs[:10])

@@ -11,10 +11,12 @@ from fastai.vision.data import ImageBlock
 
 from .benchmarks import get_benchmark
 from .core import SPLITS, FewShotSplits
-from .tasks import EpisodeDL, TaskDL, check_task_size, seeded_random
+from .tasks import EpisodeDL, TaskDL, check_task_size, seeded_random, shot_counts
 from .transforms import lee19_tfms
 
-__all__ = ['mtl_block', 'mtl_dls', 'episode_dl']
+__all__ = ['FINAL_SHOTS', 'mtl_block', 'mtl_dls', 'episode_dl']
+
+FINAL_SHOTS = (1, 5)   # the shot counts of the final test, scored on the same test episodes
 
 
 class _Pool:
@@ -61,12 +63,13 @@ def mtl_dls(name_or_splits='glyphs',      # a benchmark name for `get_benchmark`
             meta_batch_size: int = 6,     # tasks in a training batch
             epoch_length: int = 1600,     # training tasks in an epoch
             test_ways: int = 5,           # classes in an evaluation episode
-            test_shots=5,                 # support images a class in an episode; a tuple like (1, 5) draws the largest
-            test_queries: int = 15,       # query images a class in an episode
+            test_shots=5,                 # support images per class in validation; a tuple like (1, 5) scores each
+            final_shots=FINAL_SHOTS,      # the final test's shot counts: the test episodes hold these and `test_shots`
+            test_queries: int = 15,       # query images per class in an episode
             val_episodes: int = 400,      # fixed validation episodes
             test_episodes: int = 2000,    # fixed test episodes
             size: int | None = None,      # resize images to this square side; None keeps the benchmark's
-            bs_episodes: int = 8,         # episodes in an evaluation batch
+            chunk: int = 256,             # images per evaluation batch at most (whole episodes, one at least)
             seed: int = 0,                # fixes the validation and test episodes
             augment: bool = True,         # Lee19 augmentation on training batches
             num_workers: int | None = None,  # loader processes; None: 0 for in-memory data, else all cores
@@ -74,14 +77,15 @@ def mtl_dls(name_or_splits='glyphs',      # a benchmark name for `get_benchmark`
             download: bool = True,        # fetch missing benchmark files
             **kwargs                      # passed to `get_benchmark`
             ) -> DataLoaders:             # train (tasks), valid and test (episodes)
-    "DataLoaders of a benchmark: multi-task training batches, then fixed validation and test episodes (`dls[2]`)."
+    "DataLoaders of a benchmark: multi-task training batches, fixed validation episodes, and test episodes (`dls[2]`)."
     splits = name_or_splits if isinstance(name_or_splits, FewShotSplits) else \
         get_benchmark(name_or_splits, root=root, download=download, **kwargs)
     if size is not None:
         for s in SPLITS: splits[s].size = size
-    shots = max(test_shots) if isinstance(test_shots, (tuple, list)) else test_shots
+    final = shot_counts([*shot_counts(final_shots), *shot_counts(test_shots)])
+    shots = dict(val=shot_counts(test_shots)[-1], test=final[-1])
     check_task_size(splits.train, train_ways, train_shots + train_queries, 'train', splits.name)
-    for s in ('val', 'test'): check_task_size(splits[s], test_ways, shots + test_queries, s, splits.name)
+    for s in ('val', 'test'): check_task_size(splits[s], test_ways, shots[s] + test_queries, s, splits.name)
     if meta_batch_size < 1 or epoch_length < meta_batch_size:
         raise ValueError(f"epoch_length ({epoch_length}) must hold at least one batch of meta_batch_size ({meta_batch_size}) tasks")
     block, pool = mtl_block(splits, augment=augment)
@@ -91,41 +95,40 @@ def mtl_dls(name_or_splits='glyphs',      # a benchmark name for `get_benchmark`
     common = dict(after_batch=block.batch_tfms, vocab=pool.vocab, num_workers=num_workers, device=device)
     train = TaskDL(dsets.subset(0), split=splits.train, ways=train_ways, per_class=train_shots + train_queries,
                    n=epoch_length, bs=meta_batch_size, **common)
-    evals = [_episode_dl(dsets, pool, s, test_ways, shots, test_queries, n, bs_episodes, seed, common)
+    evals = [_episode_dl(dsets, pool, s, test_ways, shots[s], test_queries, n, seed, chunk, common)
              for s, n in [('val', val_episodes), ('test', test_episodes)]]
     dls = DataLoaders(train, *evals, path=Path(root).expanduser(), device=device)
-    dls.splits, dls.test_shots, dls.train_shots = splits, test_shots, train_shots
+    dls.splits, dls.test_shots, dls.final_shots, dls.train_shots = splits, test_shots, tuple(final), train_shots
     return dls
 
 
-def _episode_dl(dsets, pool, split, ways, shots, queries, n, bs, seed, common):
+def _episode_dl(dsets, pool, split, ways, shots, queries, n, seed, chunk, common):
     "The `EpisodeDL` of `split` over the DataBlock's datasets of all three splits."
     k = SPLITS.index(split)
-    return EpisodeDL(dsets.subset(k), split=pool.splits[split], ways=ways, shots=shots, queries=queries, n=n, bs=bs,
-                     seed=seed, label_offset=int(pool.class_offsets[split]), **common)
+    return EpisodeDL(dsets.subset(k), split=pool.splits[split], ways=ways, shots=shots, queries=queries, n=n, seed=seed,
+                     chunk=chunk, label_offset=int(pool.class_offsets[split]), **common)
 
 
 def episode_dl(splits: FewShotSplits,      # the benchmark
                split: str = 'test',        # 'val' or 'test' (or 'train', to probe base classes)
-               ways: int = 5,              # classes in an episode
-               shots: int = 5,             # support images of each class
-               queries: int = 15,          # query images of each class
+               ways: int = 5,              # classes per episode
+               shots: int = 5,             # support images per class
+               queries: int = 15,          # query images per class
                n: int = 2000,              # episodes
-               bs: int = 8,                # episodes in a batch
+               bs: int | None = None,      # episodes per batch; None: as many as `chunk` images hold
                seed: int = 0,              # fixes the episodes: the same as `mtl_dls` draws for the same arguments
                device=None,                # where batches go; None: fastai's default
-               num_workers: int | None = None):  # loader processes; None: 0 for in-memory data, else all cores
-    "Fixed, seeded evaluation episodes of one split of `splits`, normalised as `mtl_dls`'s evaluation batches are."
+               num_workers: int | None = None,  # loader processes; None: 0 for in-memory data, else all cores
+               chunk: int = 256):          # images per batch at most, when `bs` is None
+    "Fixed, seeded episodes of one split, normalised as `mtl_dls`'s evaluation batches are."
     split = 'val' if split == 'valid' else split
     if split not in SPLITS: raise ValueError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
-    for what, v in dict(shots=shots, queries=queries, episodes=n).items():
-        if v < 1: raise ValueError(f"{what} must be at least 1, got {v}")
-    check_task_size(splits[split], ways, shots + queries, split, splits.name)
+    if min(shots, queries, n) >= 1: check_task_size(splits[split], ways, shots + queries, split, splits.name)
     block, pool = mtl_block(splits, augment=False)
     if num_workers is None: num_workers = 0 if splits[split].in_memory else None
-    common = dict(after_batch=block.batch_tfms, vocab=pool.vocab, num_workers=num_workers,
+    common = dict(after_batch=block.batch_tfms, vocab=pool.vocab, num_workers=num_workers, bs=bs,
                   device=default_device() if device is None else device)
     # fastai seeds each new loader from Python's `random`: building episodes, at whatever epoch, must not move the
     # training tasks' random stream, or a resumed run would draw other tasks than the uninterrupted one
     with seeded_random(None):
-        return _episode_dl(block.datasets(splits), pool, split, ways, shots, queries, n, bs, seed, common)
+        return _episode_dl(block.datasets(splits), pool, split, ways, shots, queries, n, seed, chunk, common)

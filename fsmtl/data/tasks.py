@@ -10,10 +10,11 @@ from fastai.data.core import TfmdDL
 from fastai.torch_core import TensorCategory
 from fastai.vision.core import TensorImage, show_image
 from fastai.vision.data import get_grid
+from fastcore.meta import delegates
 
 from .core import Split
 
-__all__ = ['TaskDL', 'EpisodeDL', 'check_task_size', 'local_labels', 'seeded_random']
+__all__ = ['TaskDL', 'EpisodeDL', 'check_task_size', 'shot_counts', 'local_labels', 'seeded_random']
 
 
 @contextmanager
@@ -41,6 +42,14 @@ def check_task_size(split: Split,      # the classes to draw from
         listed = ', '.join(f"{c!r} ({n})" for c, n in small[:5]) + (f" and {len(small) - 5} more" if len(small) > 5 else '')
         raise ValueError(f"tasks need {per_class} images a class (shots + queries) but in {where} "
                          f"{len(small)} classes have fewer: {listed}. Lower shots or queries, or drop those classes")
+
+
+def shot_counts(shots  # a shot count, or several like (1, 5)
+                ) -> list:
+    "The shot counts of `shots`, ascending and distinct; each must be at least 1."
+    counts = sorted({shots} if isinstance(shots, int) else {int(s) for s in shots})
+    if not counts or counts[0] < 1: raise ValueError(f"shot counts must be at least 1, got {shots}")
+    return counts
 
 
 def local_labels(y,                  # global class ids of a batch of tasks, task-major and class-major
@@ -109,6 +118,7 @@ class _SplitDL(TfmdDL):
             show_image(im.permute(1, 2, 0).numpy(), ax=ax, title=str(self.vocab[int(c)]) if self.vocab is not None else str(int(c)), **kwargs)
 
 
+@delegates(TfmdDL, but=['shuffle', 'drop_last'])
 class TaskDL(_SplitDL):
     "Multi-task training batches: `bs` fresh tasks of `ways` classes x `per_class` images, task-major and class-major."
     def __init__(self, dataset=None,   # fastai's dataset argument; items come from `split`
@@ -117,7 +127,7 @@ class TaskDL(_SplitDL):
                  per_class: int = 10,    # images of each class in a task: shots + queries
                  n: int = 1600,          # tasks in an epoch
                  bs: int = 6,            # tasks in a batch (meta_batch_size)
-                 **kwargs):              # passed to fastai's `DataLoader` (device, after_batch ...)
+                 **kwargs):              # passed to fastai's `TfmdDL` (device, after_batch ...)
         kwargs.pop('shuffle', None)
         super().__init__(dataset, split=split, ways=ways, per_class=per_class, n=n, bs=bs,
                          drop_last=kwargs.pop('drop_last', True), **kwargs)
@@ -126,27 +136,32 @@ class TaskDL(_SplitDL):
     def create_item(self, s): return self.load_task(_sample_task(self.taskset))
 
 
+@delegates(TfmdDL, but=['shuffle', 'drop_last'])
 class EpisodeDL(_SplitDL):
-    "Fixed evaluation episodes of `ways` novel classes x (`shots` + `queries`) images, the same every epoch and run for one seed."
+    "Fixed episodes of `ways` novel classes x (`shots` + `queries`) images: the same every epoch and run for one seed."
     def __init__(self, dataset=None,  # fastai's dataset argument; items come from `split`
                  split: Split = None,   # the novel classes
-                 ways: int = 5,         # classes in an episode
-                 shots: int = 5,        # support images of each class (the largest shot count to evaluate)
-                 queries: int = 15,     # query images of each class
+                 ways: int = 5,         # classes per episode
+                 shots: int = 5,        # support images per class (the largest shot count to score)
+                 queries: int = 15,     # query images per class
                  n: int = 400,          # episodes
-                 bs: int = 8,           # episodes in a batch
                  seed: int = 0,         # fixes the episodes
-                 episodes=None,         # (n, ways * (shots + queries)) item indices; drawn from `seed` when None
-                 **kwargs):             # passed to fastai's `DataLoader` (device, after_batch ...)
+                 chunk: int = 256,      # images per batch at most (whole episodes, one at least)
+                 bs: int | None = None,  # episodes per batch; None: as many as `chunk` images hold
+                 episodes=None,         # (n, ways * (shots + queries)) item indices; None: drawn from `seed`
+                 **kwargs):             # passed to fastai's `TfmdDL` (device, after_batch ...)
         for k in ('shuffle', 'drop_last', 'per_class'): kwargs.pop(k, None)
+        for what, v in dict(shots=shots, queries=queries, episodes=n).items():
+            if v < 1: raise ValueError(f"{what} must be at least 1, got {v}")
         if episodes is None:
             taskset = _sampler(split, ways, shots + queries)
             with seeded_random(seed): episodes = np.stack([_sample_task(taskset) for _ in range(n)])
-        self.episodes, self.shots, self.queries, self.seed = episodes, shots, queries, seed
+        self.episodes, self.shots, self.queries, self.seed, self.chunk = episodes, shots, queries, seed, chunk
+        if bs is None: bs = max(1, chunk // (ways * (shots + queries)))
         super().__init__(dataset, split=split, ways=ways, per_class=shots + queries, n=len(episodes), bs=bs, **kwargs)
 
     def create_item(self, s): return self.load_task(self.episodes[s or 0])
 
     def new(self, dataset=None, cls=None, **kwargs):
-        keep = dict(shots=self.shots, queries=self.queries, seed=self.seed, episodes=self.episodes)
+        keep = dict(shots=self.shots, queries=self.queries, seed=self.seed, chunk=self.chunk, episodes=self.episodes)
         return super().new(dataset, cls, **{**keep, **kwargs})
