@@ -1,4 +1,4 @@
-"Test-time fine-tuning, as P>M>F: a copy of the backbone trained on an episode's support images before the probe is fitted."
+"Test-time fine-tuning as P>M>F: a copy of the backbone tuned on each episode's supports."
 from __future__ import annotations
 import copy
 
@@ -18,7 +18,8 @@ __all__ = ['scaled_padding', 'finetune_copy', 'finetuned_accuracy']
 
 def scaled_padding(size: int  # side of the square images
                    ) -> int:
-    "Lee19's crop padding in proportion to the image: 4 at 32 px, 8 at 84 px, 21 at 224 px."
+    "Lee19's crop padding scaled to `size` (21 at 224 px)."
+    # 4 at 32 px, 8 at 84 px, 21 at 224 px
     return max(1, round(size * lee19_padding(size) / (32 if size <= 48 else 84)))
 
 
@@ -31,7 +32,8 @@ def finetune_copy(backbone: nn.Module,       # the trained backbone; it is left 
                   lr: float = 1e-3,          # learning rate of SGD with momentum 0.9
                   temperature: float = 10.,  # scale of the cosine logits
                   seed: int | None = None):  # fixes the augmentation draws; None: the global generator's
-    "A copy of `backbone` fine-tuned on `x`, `y` with Lee19 augmentation against a cosine head initialised at the prototypes."
+    "A copy of `backbone` fine-tuned on `x`, `y` against a cosine head."
+    # with Lee19 augmentation; the head starts at the class prototypes
     model = copy.deepcopy(backbone).eval()   # batch-norm statistics of a few support images would be noise: kept as trained
     for p in model.parameters(): p.requires_grad_(True)
     device = model_device(model)

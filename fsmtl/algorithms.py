@@ -1,4 +1,4 @@
-"Meta-learners on the same `TaskDL` batches as MTL: ProtoNet, MetaOptNet (SVM), R2D2 (ridge), ANIL and MAML."
+"Meta-learners on MTL's `TaskDL` batches: ProtoNet, MetaOptNet, R2D2, ANIL and MAML."
 from __future__ import annotations
 
 import learn2learn as l2l
@@ -27,9 +27,10 @@ META_ALGORITHMS = {'protonet': 'nearest class mean, squared Euclidean distance (
 
 def split_tasks(z,             # images or features of whole tasks (T*ways*per_class, ...), task-major and class-major
                 ways: int,     # classes in a task
-                shots: int,    # the first `shots` of a class are the support
+                shots: int,    # the first `shots` of each class are the support
                 queries: int): # the next `queries` are the query
-    "Support (T, ways*shots, ...) and query (T, ways*queries, ...) of each task, split by position."
+    "Support and query images or features of each task."
+    # (T, ways*shots, ...) and (T, ways*queries, ...), split by position
     per_class = shots + queries
     if len(z) % (ways * per_class) or len(z) == 0:
         raise ValueError(f"a batch of {len(z)} items is not whole tasks of {ways} classes x {per_class} images (shots + queries)")
@@ -39,9 +40,9 @@ def split_tasks(z,             # images or features of whole tasks (T*ways*per_c
 
 def position_labels(tasks: int,       # tasks
                     ways: int,        # classes in a task
-                    per_class: int,   # images of a class in a task
+                    per_class: int,   # images per class in a task
                     device=None):     # where the labels go
-    "Labels 0..ways-1 of `tasks` class-major tasks of `per_class` images a class: (tasks, ways*per_class)."
+    "Labels 0..ways-1 (tasks, ways*per_class) of class-major tasks."
     return torch.arange(ways, device=device).repeat_interleave(per_class).expand(tasks, -1)
 
 
@@ -49,7 +50,8 @@ def proto_logits(support,      # support features (T, n, D)
                  labels,       # their labels 0..ways-1 (T, n)
                  query,        # query features (T, m, D)
                  ways: int):   # classes in a task
-    "Negative squared Euclidean distances (T, m, ways) of the queries to each class mean of the support."
+    "Minus squared Euclidean distances of queries to class means."
+    # scores (T, m, ways)
     onehot = F.one_hot(labels, ways).to(support.dtype)
     means = onehot.transpose(1, 2) @ support / onehot.sum(1)[..., None]
     return -(query[:, :, None] - means[:, None]).pow(2).sum(-1)
@@ -60,8 +62,9 @@ def ridge_logits(support,              # support features (T, n, D)
                  query,                # query features (T, m, D)
                  ways: int,            # classes in a task
                  lam: float = 50.):    # the L2 weight (R2D2's lambda)
-    "Scores (T, m, ways) of R2D2's head: ridge regression onto one-hot targets, solved in the support's n x n (Woodbury) form."
+    "R2D2's scores (T, m, ways): ridge regression onto one-hot targets."
     onehot = F.one_hot(labels, ways).to(support.dtype)
+    # solved in the support's n x n (Woodbury) form
     gram = support @ support.transpose(1, 2) + lam * torch.eye(support.shape[1], device=support.device, dtype=support.dtype)
     weights = support.transpose(1, 2) @ torch.linalg.solve(gram, onehot)   # (T, D, ways)
     return query @ weights
@@ -81,17 +84,19 @@ def svm_logits(support,               # support features (T, n, D)
                ways: int,             # classes in a task
                C: float = 0.1,        # the SVM's C (learn2learn's C_reg)
                max_iters: int = 15):  # iterations of the QP solver
-    "Scores (T, m, ways) of MetaOptNet's multi-class SVM, one learn2learn `SVClassifier` (a differentiable QP) per task."
+    "Scores (T, m, ways) of MetaOptNet's multi-class SVM, one per task."
+    # a learn2learn `SVClassifier`, a differentiable QP, per task
     SVClassifier = _svclassifier()
     return torch.stack([SVClassifier(s, y, ways, C_reg=C, max_iters=max_iters)(q)
                         for s, y, q in zip(support, labels, query)])
 
 
 class EpisodeLoss(nn.Module):
-    "Cross-entropy of the query scores (T*ways*queries, ways) against their positions' labels; `task_logits` as `MultiTaskLoss`'s."
+    "Cross-entropy of query scores against their positions' labels."
+    # scores (T*ways*queries, ways); `task_logits` as `MultiTaskLoss`'s
     def __init__(self,
                  ways: int,     # classes in a task
-                 queries: int): # query images of a class
+                 queries: int): # query images per class
         super().__init__()
         store_attr()
 
@@ -113,12 +118,13 @@ def _episode_parts(x, ways: int, per_class: int, queries: int):
 
 
 class FeatureHeadModel(nn.Module):
-    "A backbone and an episodic head on its features (`proto`, `svm` or `ridge`); `head` is the learned scale of svm and ridge scores."
+    "A backbone and an episodic head: `proto`, `svm` or `ridge`."
+    # `head` is the learned scale of the svm and ridge scores
     def __init__(self,
                  backbone: nn.Module,   # images to (N, D) features
                  ways: int,             # classes in a training task
-                 shots: int,            # support images of a class in a training task
-                 queries: int,          # query images of a class in a training task
+                 shots: int,            # support images per class in a training task
+                 queries: int,          # query images per class in a training task
                  head: str = 'proto',   # 'proto', 'svm' or 'ridge'
                  **head_kwargs):        # `svm_logits`'s C and max_iters, or `ridge_logits`'s lam
         super().__init__()
@@ -139,18 +145,20 @@ class FeatureHeadModel(nn.Module):
         return out if self.kind == 'proto' else out * self.head
 
     def forward(self, x):  # images of whole tasks (T*ways*(shots+queries), C, H, W), class-major
-        "Scores of each task's queries over its own classes (T*ways*queries, ways); all images go through the backbone at once."
+        "Scores of each task's queries over its own classes (T*ways*queries, ways)."
+        # all images go through the backbone at once
         fs, fq = split_tasks(self.backbone(x), self.ways, self.shots, self.queries)
         return self.head_scores(fs, position_labels(len(fs), self.ways, self.shots, x.device), fq, self.ways).flatten(0, 1)
 
     def predict_episodes(self,
                          x,                  # images of whole episodes, class-major, supports first
                          ways: int,          # classes in an episode
-                         per_class: int,     # images of a class in an episode
-                         queries: int,       # the last `queries` of a class are its queries
-                         shots=(1, 5),       # shot counts; each uses the first supports of a class
-                         chunk: int = 256):  # images a forward pass
-        "Predicted classes (E, ways*queries) of each episode's queries, by shot count: the head on the trained features."
+                         per_class: int,     # images per class in an episode
+                         queries: int,       # the last `queries` of each class are its queries
+                         shots=(1, 5),       # shot counts; each uses the first supports of each class
+                         chunk: int = 256):  # images per forward pass
+        "Predicted classes of each episode's queries, by shot count."
+        # (E, ways*queries) per shot count, from the head on the trained features
         f, fq = _episode_parts(extract_features(self.backbone, x, chunk, normalize=False), ways, per_class, queries)
         with torch.no_grad():
             return {s: self.head_scores(f[:, :, :s].flatten(1, 2), position_labels(len(f), ways, s, f.device), fq, ways).argmax(-1)
@@ -158,7 +166,8 @@ class FeatureHeadModel(nn.Module):
 
 
 class _LinearHead(nn.Module):
-    "A linear layer whose weight and bias are one (ways, D+1) parameter, so that checkpoints keep them as one tensor."
+    "A linear layer whose weight and bias are one (ways, D+1) parameter."
+    # so that checkpoints keep them as one tensor
     def __init__(self, nf: int, ways: int):
         super().__init__()
         lin = nn.Linear(nf, ways)
@@ -177,13 +186,14 @@ class _Network(nn.Module):
 
 
 class MAMLModel(nn.Module):
-    "A backbone and a linear head adapted to each task's support by learn2learn's MAML (`head_only`: ANIL), scored on its queries."
+    "A backbone and a linear head adapted per task by MAML or ANIL."
+    # learn2learn's MAML adapts to each task's support, scored on its queries; ANIL (`head_only`) adapts the head alone
     def __init__(self,
                  backbone: nn.Module,            # images to (N, nf) features
                  nf: int,                        # the backbone's feature size
                  ways: int,                      # classes in a task: rows of the head
-                 shots: int,                     # support images of a class in a training task
-                 queries: int,                   # query images of a class in a training task
+                 shots: int,                     # support images per class in a training task
+                 queries: int,                   # query images per class in a training task
                  adaptation_steps: int = 1,      # gradient steps on the support
                  adaptation_lr: float = 0.5,     # their learning rate (learn2learn's fast_lr)
                  first_order: bool = False,      # no gradient through the adaptation's gradients
@@ -201,7 +211,7 @@ class MAMLModel(nn.Module):
                      fs,                 # support features (n, nf)
                      ys,                 # their labels (n,)
                      first_order=None):  # None: the model's `first_order`
-        "A clone of the head after `adaptation_steps` MAML steps on the support features."
+        "A clone of the head after MAML steps on the support features."
         fo = self.first_order if first_order is None else first_order
         learner = l2l.algorithms.MAML(self.maml.module.head, lr=self.adaptation_lr, first_order=fo).clone()
         for _ in range(self.adaptation_steps): learner.adapt(F.cross_entropy(learner(fs), ys))
@@ -211,16 +221,17 @@ class MAMLModel(nn.Module):
               xs,                 # support images (n, C, H, W)
               ys,                 # their labels (n,)
               first_order=None):  # None: the model's `first_order`
-        "A network adapted to one task's support: a MAML clone of the whole network, or (ANIL) the backbone and an adapted head."
+        "A network adapted to one task's support."
+        # a MAML clone of the whole network, or (ANIL) the backbone and an adapted head
         if self.head_only: return _Network(self.backbone, self.adapted_head(self.backbone(xs), ys, first_order))
         learner = self.maml.clone(first_order=self.first_order if first_order is None else first_order)
         for _ in range(self.adaptation_steps): learner.adapt(F.cross_entropy(learner(xs), ys))
         return learner
 
     def forward(self, x):  # images of whole tasks (T*ways*(shots+queries), C, H, W), class-major
-        "Scores of each task's queries (T*ways*queries, ways) by the network adapted to the task's support."
+        "Scores (T*ways*queries, ways) of each task's queries, adapted to its support."
         ys = position_labels(1, self.ways, self.shots, x.device)[0]
-        if self.head_only:   # the backbone sees the whole batch once; only the head is cloned a task
+        if self.head_only:   # the backbone sees the whole batch once; only the head is cloned per task
             fs, fq = split_tasks(self.backbone(x), self.ways, self.shots, self.queries)
             return torch.cat([self.adapted_head(s, ys)(q) for s, q in zip(fs, fq)])
         xs, xq = split_tasks(x, self.ways, self.shots, self.queries)
@@ -229,11 +240,12 @@ class MAMLModel(nn.Module):
     def predict_episodes(self,
                          x,                  # images of whole episodes, class-major, supports first
                          ways: int,          # classes in an episode: the head's rows
-                         per_class: int,     # images of a class in an episode
-                         queries: int,       # the last `queries` of a class are its queries
-                         shots=(1, 5),       # shot counts; each uses the first supports of a class
-                         chunk: int = 256):  # images a forward pass (ANIL's features)
-        "Predicted classes (E, ways*queries) of each episode's queries, by shot count, after adapting to its support (eval mode, first order)."
+                         per_class: int,     # images per class in an episode
+                         queries: int,       # the last `queries` of each class are its queries
+                         shots=(1, 5),       # shot counts; each uses the first supports of each class
+                         chunk: int = 256):  # images per forward pass (ANIL's features)
+        "Predicted classes of each episode's queries, by shot count."
+        # (E, ways*queries) per shot count, after adapting to the episode's support, in eval mode, first order
         if ways != self.ways: raise ValueError(f"this {('ANIL' if self.head_only else 'MAML')} head has {self.ways} rows: test {self.ways}-way episodes")
         training = self.training
         self.eval()   # batch norm's running statistics and no DropBlock: a 1-shot support is too small to normalise by
@@ -253,15 +265,15 @@ class MAMLModel(nn.Module):
 
 
 def check_meta(algorithm: str,               # a name of `META_ALGORITHMS`, or 'mtl'
-               shots: int = 5,               # support images of a class in a training task
-               queries: int = 5,             # query images of a class in a training task
+               shots: int = 5,               # support images per class in a training task
+               queries: int = 5,             # query images per class in a training task
                adaptation_steps: int = 1,    # MAML/ANIL gradient steps on the support
                adaptation_lr: float = 0.5,   # their learning rate
                svm_C: float = 0.1,           # MetaOptNet's SVM C
                svm_max_iters: int = 15,      # MetaOptNet's QP iterations
                ridge_lambda: float = 50.,    # R2D2's L2 weight
                norm_train_features: bool = False):  # an MTL option
-    "Fail early, naming the fix, on an unknown algorithm or an option value it cannot train with."
+    "Fail early, with the fix, on options `algorithm` cannot train with."
     names = ('mtl', *META_ALGORITHMS)
     if algorithm not in names: raise ValueError(f"unknown algorithm {algorithm!r}: use one of {', '.join(names)}")
     if algorithm == 'mtl': return
@@ -283,15 +295,16 @@ def meta_model(algorithm: str,              # a name of `META_ALGORITHMS`
                backbone: nn.Module,         # images to (N, nf) features
                nf: int,                     # the backbone's feature size
                ways: int,                   # classes in a training task
-               shots: int,                  # support images of a class in a training task
-               queries: int,                # query images of a class in a training task
+               shots: int,                  # support images per class in a training task
+               queries: int,                # query images per class in a training task
                adaptation_steps: int = 1,   # MAML/ANIL gradient steps on the support
                adaptation_lr: float = 0.5,  # their learning rate (learn2learn's fast_lr)
                first_order: bool = False,   # first-order MAML/ANIL
                svm_C: float = 0.1,          # MetaOptNet's SVM C
                svm_max_iters: int = 15,     # MetaOptNet's QP iterations
                ridge_lambda: float = 50.):  # R2D2's L2 weight
-    "The model of `algorithm` around `backbone`: scores of each task's queries from a batch of whole tasks."
+    "The model of `algorithm` around `backbone`."
+    # it scores each task's queries from a batch of whole tasks
     check_meta(algorithm, shots, queries, adaptation_steps, adaptation_lr, svm_C, svm_max_iters, ridge_lambda)
     if algorithm in ('maml', 'anil'):
         return MAMLModel(backbone, nf, ways, shots, queries, adaptation_steps, adaptation_lr, first_order, algorithm == 'anil')

@@ -1,4 +1,4 @@
-"The notebook surface: `from fsmtl.all import *` gives fsmtl's public functions and classes."
+"The notebook surface: `from fsmtl.all import *`, fsmtl's public functions and classes."
 # fastai's own surface (`Learner.fit_one_cycle`, `show_batch` ...) is patched in on import; `from fastai.vision.all
 # import *` brings its names. Constants (`OPTIONS`, `BENCHMARKS` ...) stay in their modules; the optional logging
 # integrations (wandb, TensorBoard) stay in `fsmtl.runlog`.

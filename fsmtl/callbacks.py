@@ -1,4 +1,4 @@
-"Callbacks of MTL training: `EpisodicEval` (novel-class validation as metrics), `TaskAccuracy`, `StopOnNaN` and `AMP`."
+"Callbacks of MTL training: `EpisodicEval`, `TaskAccuracy`, `StopOnNaN` and `AMP`."
 from __future__ import annotations
 
 import warnings
@@ -90,7 +90,8 @@ class EpisodicEval(Callback):
 
 
 class TaskAccuracy(Callback):
-    "Report `task_acc`: the accuracy of the epoch's training batches, each task scored over its own classes."
+    "Report `task_acc`, the accuracy of the epoch's training tasks."
+    # each task is scored over its own classes
     order = Recorder.order - 1
 
     # a value before any training epoch: `summary` and `get_preds` log metrics without one
@@ -106,7 +107,7 @@ class TaskAccuracy(Callback):
         if not self.training: return
         with torch.no_grad():
             logits, y = self.learn.loss_func.task_logits(self.pred.detach(), *self.yb)
-            # counted on the device: no host sync a batch
+            # counted on the device: no host sync per batch
             self.correct = self.correct + (logits.argmax(1) == y).sum()
             self.total += len(y)
 
@@ -115,7 +116,8 @@ class TaskAccuracy(Callback):
 
 
 class StopOnNaN(Callback):
-    "Stop training with a clear error when the training loss is not finite; the checkpoints already written stay as they are."
+    "Stop with a clear error when the training loss is not finite."
+    # the checkpoints already written stay as they are
     order = MixedPrecision.order + 1   # after AMP has closed its autocast context
 
     def after_loss(self):
@@ -128,7 +130,8 @@ class StopOnNaN(Callback):
 
 
 class AMP(MixedPrecision):
-    "fastai's `MixedPrecision` on the model's own device (CUDA or CPU), autocasting training batches only."
+    "fastai's `MixedPrecision` on the model's own device (CUDA or CPU)."
+    # it autocasts training batches only
     def __init__(self, amp_mode='bf16',  # 'bf16' or 'fp16'
                  **kwargs):              # passed to fastai's `MixedPrecision` (its gradient scaler's settings)
         super().__init__(amp_mode, **kwargs)

@@ -1,4 +1,4 @@
-"Checkpoints of a training run: the best (by `episodic_acc`) and the last, written atomically, and resuming from the last."
+"Checkpoints of a training run: the best and the last, and resuming from the last."
 from __future__ import annotations
 import io
 import random
@@ -22,7 +22,8 @@ __all__ = ['save_atomic', 'read_checkpoint', 'load_weights', 'backbone_from_chec
 def save_atomic(obj,   # what to save: a state dict, or any object `torch.save` takes
                 path   # the file to write
                 ) -> Path:
-    "`torch.save` `obj` to `path` through `write_atomic`, so `path` is never left half written."
+    "`torch.save` `obj` to `path`, atomically."
+    # through `write_atomic`: `path` is never left half written
     buf = io.BytesIO()
     torch.save(obj, buf)
     # serialised in memory first: a full disk then surfaces as an OSError that names the file, not a torch assertion
@@ -35,7 +36,7 @@ _FIX = "test or resume from the run's other checkpoint (best.pth or last.pth), o
 def read_checkpoint(path,                # a checkpoint file, or a run folder
                     prefer: str = 'last'  # the file of a run folder: 'last' (to resume) or 'best' (to test)
                     ) -> dict:
-    "The checkpoint at `path` (a file, or a run folder's `prefer`.pth), read with `weights_only=True`."
+    "The checkpoint at `path`, a file or a run folder's `prefer`.pth."
     if prefer not in ('best', 'last'): raise ValueError(f"prefer is 'best' or 'last', got {prefer!r}")
     path = Path(path).expanduser()
     if path.is_dir():
@@ -61,7 +62,8 @@ def load_weights(module: nn.Module,  # the model to fill
                  state: dict,        # its state dict, as read from a file
                  source,             # where `state` came from, for the message
                  show: int = 4):     # differing parameters named in the message, at most
-    "`module.load_state_dict(state)`, or a `ValueError` naming the first `show` parameters that are missing, extra or of another shape."
+    "`module.load_state_dict(state)`, or a `ValueError` on a misfit."
+    # it names the first `show` parameters that are missing, extra or of another shape
     own = module.state_dict()
     diffs = [f"{k}: {tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model" for k, v in own.items()
              if k in state and hasattr(state[k], 'shape') and state[k].shape != v.shape]
@@ -77,7 +79,8 @@ def load_weights(module: nn.Module,  # the model to fill
 def backbone_from_checkpoint(st: dict,  # a checkpoint read by `read_checkpoint`
                              source     # its file, for messages
                              ) -> nn.Module:
-    "The backbone of checkpoint `st`, rebuilt from its `arch` and `arch_kwargs` with timm, its weights loaded."
+    "The backbone of checkpoint `st`, rebuilt with its weights."
+    # rebuilt by timm from the checkpoint's `arch` and `arch_kwargs`
     from .models import create_backbone
     missing = [k for k in ('arch', 'backbone') if not isinstance(st, dict) or k not in st]
     if missing:
@@ -89,7 +92,8 @@ def backbone_from_checkpoint(st: dict,  # a checkpoint read by `read_checkpoint`
 
 
 def rng_state() -> dict:
-    "The states of Python's, numpy's and torch's random generators (CUDA's too when there is one), as plain types and tensors."
+    "The states of all random generators, as plain types and tensors."
+    # Python's, numpy's and torch's, and CUDA's when there is one
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     st = dict(python=random.getstate(), numpy=(kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss),
               torch=torch.get_rng_state())
@@ -108,7 +112,8 @@ def set_rng_state(st: dict):  # the states `rng_state` returned
 
 def own_rng_state(st: dict  # a `last.pth` read by `read_checkpoint`
                   ) -> dict:
-    "This process's generator states in `last.pth` `st`; a `ValueError` with the fix when its run had another number of processes."
+    "This process's generator states in the `last.pth` `st`."
+    # a `ValueError` with the fix when its run had another number of processes
     states = st.get('rng_ranks') or [st['rng']]
     if len(states) != world():
         raise ValueError(f"this run was trained on {len(states)} process(es) and is resumed on {world()}: resume it on "
@@ -117,7 +122,8 @@ def own_rng_state(st: dict  # a `last.pth` read by `read_checkpoint`
 
 
 def _tree(o):
-    "`o` with fastcore's `L` lists and numpy scalars (in fastai optimiser states) as the plain types `weights_only` loading admits."
+    "`o` with fastcore's `L` and numpy scalars as the plain types `weights_only` admits."
+    # both are in fastai's optimiser states
     if isinstance(o, dict): return {k: _tree(v) for k, v in o.items()}
     if isinstance(o, (list, L)): return [_tree(v) for v in o]
     if isinstance(o, tuple): return tuple(_tree(v) for v in o)
@@ -130,7 +136,8 @@ def _float(v):
 
 
 class Checkpoints(Callback):
-    "After every epoch write `last.pth` (model, optimiser, schedule, RNG and history), and `best.pth` when `monitor` improves."
+    "Writes `last.pth` each epoch, `best.pth` when `monitor` improves."
+    # last.pth: model, optimiser, schedule, RNG and history
     order = EarlyStoppingCallback.order + 1   # after the trackers: their updated state is saved, and restored after their reset
 
     def __init__(self,
@@ -154,7 +161,8 @@ class Checkpoints(Callback):
         if self.resume is not None: self._restore(self.resume)
 
     def _restore(self, st):
-        "Put back what `last.pth` holds beyond the weights and optimiser: history, schedule, best value and RNG."
+        "Put back what `last.pth` holds beyond the weights and optimiser."
+        # history, schedule, best value and RNG
         rec = self.learn.recorder
         if list(st['metric_names']) != list(rec.metric_names):
             raise ValueError(f"the checkpoint's metrics {st['metric_names']} differ from this learner's {list(rec.metric_names)}: "

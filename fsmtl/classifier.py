@@ -1,4 +1,4 @@
-"`FewShotClassifier`: images of new classes told apart by a trained backbone's features and a probe fitted on a few examples."
+"`FewShotClassifier`: new classes told apart by a backbone's features and a probe."
 from __future__ import annotations
 from pathlib import Path
 
@@ -19,7 +19,8 @@ CHECKPOINT_KEYS = ('arch', 'arch_kwargs', 'backbone', 'size', 'mean', 'std')   #
 
 
 def _items(images) -> list:
-    "`images` as a list of single images: a batch (N, 3, H, W) tensor or (N, H, W, 3) uint8 array is split, one path or PIL image wrapped."
+    "`images` as a list of single images."
+    # a (N, 3, H, W) tensor or (N, H, W, 3) uint8 array is split; one path or PIL image is wrapped
     if isinstance(images, (str, Path, Image.Image)): return [images]
     if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim != 4:
         raise ValueError(f"an array of shape {tuple(images.shape)} is not a batch: pass a (N, 3, H, W) tensor, "
@@ -28,7 +29,8 @@ def _items(images) -> list:
 
 
 def _image(im, size: int) -> torch.Tensor:
-    "One image (path, PIL image, uint8 HxWx3 array, or 3xHxW tensor: uint8 0..255, float 0..1) as float (3, size, size) in 0..1."
+    "One image as float (3, size, size) in 0..1."
+    # from a path, a PIL image, a uint8 HxWx3 array, or a 3xHxW tensor (uint8 in 0..255, float in 0..1)
     if isinstance(im, torch.Tensor):
         im = im.detach().cpu()
         if im.dim() != 3 or im.shape[0] not in (1, 3):
@@ -57,14 +59,16 @@ def image_batch(images,   # file paths, PIL images, uint8 (H, W, 3) arrays, (3, 
                 size: int,  # side of the square images the backbone takes
                 mean,       # per-channel mean of images in 0..1
                 std):       # per-channel std of images in 0..1
-    "`images` as a normalised float (N, 3, size, size) CPU tensor: RGB, resized by PIL's bilinear filter, (x/255 - mean) / std."
+    "`images` as a normalised float (N, 3, size, size) CPU tensor."
+    # RGB, resized by PIL's bilinear filter, (x/255 - mean) / std
     items = _items(images)
     x = torch.stack([_image(im, size) for im in items]) if items else torch.zeros(0, 3, size, size)
     return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
 class FewShotClassifier:
-    "Classifies images of new classes from a few labelled examples: a probe on a backbone's L2-normalised features."
+    "Classifies new classes from a few examples of each."
+    # a probe on a backbone's L2-normalised features
     def __init__(self,
                  backbone: nn.Module,      # the trained backbone (a model with a `backbone` gives that)
                  size: int,                # side of the square images the backbone was trained on
@@ -93,13 +97,15 @@ class FewShotClassifier:
                      learn,              # a trained `mtl_learner`
                      probe='logistic',   # 'logistic', 'sklearn' or 'proto', or a probe
                      **kw):              # more arguments of `FewShotClassifier` (C, chunk ...)
-        "An unfitted classifier on the backbone of `learn`, with its benchmark's image size and normalisation."
+        "An unfitted classifier on `learn`'s backbone and input."
+        # the benchmark's image size and normalisation
         s = learn.dls.splits
         return cls(feature_model(learn.model), s.size, s.mean, s.std, probe, **kw)
 
     def features(self, images  # file paths, PIL images, arrays or tensors
                  ) -> torch.Tensor:
-        "L2-normalised features (N, D) of `images`, on the backbone's device; `chunk` images are read at a time."
+        "L2-normalised features (N, D) of `images`."
+        # on the backbone's device; `chunk` images are read at a time
         items, device = _items(images), model_device(self.backbone)
         if not items: raise ValueError("no images given")
         # after a fit with `finetune_steps`, the fine-tuned copy; the stored backbone is never changed
@@ -111,13 +117,13 @@ class FewShotClassifier:
     def fit(self,
             support,  # a few images of each class: file paths, PIL images, arrays or tensors
             labels):  # the class of each, any hashable values
-        "Fit the probe on the `support` images and their `labels` (any hashable values; classes in order of first appearance)."
+        "Fit the probe on the `support` images and their `labels`."
         items = _items(support)
         labels = labels.tolist() if isinstance(labels, (torch.Tensor, np.ndarray)) else list(labels)
         if not items: raise ValueError("no support images: give a few labelled images of each class, two classes at least")
         if len(items) != len(labels):
             raise ValueError(f"{len(items)} support images but {len(labels)} labels: give one label per image")
-        classes = list(dict.fromkeys(labels))
+        classes = list(dict.fromkeys(labels))   # in the order of first appearance
         if len(classes) < 2:
             raise ValueError(f"all support images are of one class ({classes[0]!r}): give images of two classes at least")
         index = {c: i for i, c in enumerate(classes)}
@@ -129,25 +135,29 @@ class FewShotClassifier:
         return self._fit(self.features(items), y, classes)
 
     def _fit(self, feats, y, classes):
-        "Keep the support features `feats`, their labels `y` (indices into `classes`) and the probe fitted on them."
+        "Keep the support features, their labels and the probe fitted on them."
+        # `y`: indices into `classes`
         self.support, self.support_labels, self.classes = feats, y.to(feats.device), classes
         self.probe_ = get_probe(self.probe, self.C).fit(self.support, self.support_labels)
         return self
 
     def predict_proba(self, images  # file paths, PIL images, arrays or tensors
                       ) -> np.ndarray:
-        "Probabilities (N, n_classes) of the classes of `images`, columns in the order of `classes`."
+        "Probabilities (N, n_classes) of `images`' classes."
+        # the columns in the order of `classes`
         if not hasattr(self, 'probe_'): raise RuntimeError("the classifier is not fitted: call fit(support, labels) first")
         return self.probe_.predict_proba(self.features(images).to(self.support.device)).cpu().numpy()
 
     def predict(self, images):  # file paths, PIL images, arrays or tensors
-        "The predicted label of each of `images` (a list) and its probability (a numpy array)."
+        "The predicted label of each of `images`, and its probability."
+        # the labels as a list, the probabilities as a numpy array
         p = self.predict_proba(images)
         best = p.argmax(1)
         return [self.classes[i] for i in best], p[np.arange(len(p)), best]
 
     def _arch(self):
-        "timm's name and keyword arguments of the backbone: given to the constructor, or found on the backbone."
+        "timm's name and keyword arguments of the backbone."
+        # as given to the constructor, else as found on the backbone
         known = getattr(self.backbone, 'fsmtl_arch', None)
         if self.arch is not None: arch, kwargs = self.arch, {}
         elif known: arch, kwargs = known['arch'], known.get('kwargs') or {}
@@ -158,13 +168,14 @@ class FewShotClassifier:
         return arch, dict(self.arch_kwargs if self.arch_kwargs is not None else kwargs)
 
     def save(self, path):  # the file to write
-        "Save to `path` (through a temporary file) what `load` needs; label values other than str or int are stored as str."
+        "Save to `path`, through a temporary file, what `load` needs."
         arch, kwargs = self._arch()
         if not isinstance(self.probe, str): raise ValueError("save needs the probe by name ('logistic', 'sklearn' or 'proto')")
         fitted = hasattr(self, 'probe_')
         state = dict(arch=arch, arch_kwargs=kwargs, size=self.size, mean=self.mean, std=self.std, probe=self.probe, C=self.C,
                      # a fine-tuned copy is what the stored support features and later predictions come from
                      backbone={k: v.detach().cpu() for k, v in (self.backbone if self.finetuned is None else self.finetuned).state_dict().items()},
+                     # label values other than str or int are stored as str
                      classes=[c if isinstance(c, (str, int)) else str(c) for c in getattr(self, 'classes', [])],
                      support=self.support.cpu() if fitted else torch.zeros(0),
                      support_labels=self.support_labels.cpu() if fitted else torch.zeros(0, dtype=torch.long))
@@ -172,7 +183,7 @@ class FewShotClassifier:
 
     @staticmethod
     def _read(path) -> dict:
-        "The checkpoint at `path` (a file, or a run folder's best.pth), with the keys of `CHECKPOINT_KEYS` at least."
+        "The checkpoint at `path` (a file or a run's best.pth), with `CHECKPOINT_KEYS`."
         state = read_checkpoint(path, prefer='best')
         missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
         if missing: raise ValueError(f"{path} lacks {', '.join(missing)}: a checkpoint needs {', '.join(CHECKPOINT_KEYS)}, "
@@ -183,24 +194,25 @@ class FewShotClassifier:
     def from_checkpoint(cls,
                         path,              # best.pth or last.pth of a run, or a run folder
                         probe='logistic',  # 'logistic', 'sklearn' or 'proto', or a probe
-                        device=None,       # where the backbone runs; None: the GPU when there is one
+                        device=None,       # where the backbone runs; None: the CPU
                         **kw):             # more arguments of `FewShotClassifier` (C, chunk ...)
-        "An unfitted classifier on the backbone saved in the checkpoint `path`, rebuilt with timm (on `device`, the CPU by default)."
+        "An unfitted classifier on the backbone saved at `path`."
+        # the backbone is rebuilt with timm
         return cls._build(cls._read(path), path, probe, device, **kw)
 
     @classmethod
     def _build(cls, st, path, probe, device, **kw):
-        "An unfitted classifier from the checkpoint `st` read from `path`: the backbone rebuilt by timm, its weights loaded."
+        "An unfitted classifier from checkpoint `st`: the backbone rebuilt with its weights."
         return cls(backbone_from_checkpoint(st, path).eval().to(device or 'cpu'), st['size'], st['mean'], st['std'], probe,
                    arch=st['arch'], arch_kwargs=st['arch_kwargs'], **kw)
 
     @classmethod
     def load(cls,
              path,          # a file written by `save`
-             device=None):  # where the backbone runs; None: the GPU when there is one
-        "The classifier saved at `path`, its probe refitted on the stored support features (so it predicts as before)."
+             device=None):  # where the backbone runs; None: the CPU
+        "The classifier saved at `path`, its probe refitted."
         st = cls._read(path)
         clf = cls._build(st, path, st.get('probe', 'logistic'), device, C=st.get('C', 3.))
-        if st.get('classes'):
+        if st.get('classes'):   # refitted on the stored support features, it predicts as before
             clf._fit(st['support'].to(model_device(clf.backbone)), st['support_labels'], list(st['classes']))
         return clf

@@ -14,7 +14,7 @@ def _flag(p, name, **kwargs):
 
 
 def _data(args):
-    "Download (when needed), check and summarise a benchmark; optionally save a picture of a training batch."
+    "Download (when needed), check and summarise a benchmark."
     from .data.benchmarks import get_benchmark
     from .data.core import SPLITS
     splits = get_benchmark(args.dataset, root=args.root, download=not args.no_download)
@@ -23,12 +23,12 @@ def _data(args):
         counts = splits[s].counts()
         print(f"  {s:5s} {splits[s].n_classes:4d} classes  {len(splits[s]):7d} images  "
               f"({counts.min()}-{counts.max()} a class)")
-    if args.show:
+    if args.show:   # a picture of a training batch
         import matplotlib
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
         from .data.block import mtl_dls
-        # the smallest tasks that show two images a class, so that small folders can be looked at too
+        # the smallest tasks that show two images per class, so that small folders can be looked at too
         ways = lambda *ss: min(5, *(splits[s].n_classes for s in ss))
         dls = mtl_dls(splits, train_ways=ways('train'), train_shots=1, train_queries=1, meta_batch_size=4, epoch_length=4,
                       test_ways=ways('val', 'test'), test_shots=1, final_shots=1, test_queries=1, val_episodes=1,
@@ -39,7 +39,7 @@ def _data(args):
 
 
 def _predict(args):
-    "Fit a classifier on the support folder's class folders; print the label of each readable query image."
+    "Fit a classifier on the support's class folders; label each readable query."
     import csv
     from pathlib import Path
     from .classifier import FewShotClassifier
@@ -75,11 +75,11 @@ _INTS = ('gpu', 'size', 'num_workers')
 
 
 def _option_flags(p, names):
-    "A flag for each of the `train` options `names`, typed by its default; only the flags given reach `train`."
+    "A flag for each of the `train` options `names`, typed by its default."
     from .train import OPTIONS
     for name in names:
         default, help = OPTIONS[name]
-        kw = dict(default=argparse.SUPPRESS, help=f"{help} (default: {default})")
+        kw = dict(default=argparse.SUPPRESS, help=f"{help} (default: {default})")   # only flags given reach `train`
         if name == 'pretrained': kw.update(nargs='?', const=True, metavar='PATH')
         elif name == 'model_kwargs': kw.update(type=json.loads, metavar='JSON')
         elif isinstance(default, bool): kw.update(action='store_true')

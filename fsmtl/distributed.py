@@ -1,4 +1,4 @@
-"Several processes on torch.distributed: ranks and their seeds, episodes sharded and gathered, and fastai's `DistributedTrainer` for MTL."
+"Runs on several processes: ranks and their seeds, sharded episodes, MTL's trainer."
 from __future__ import annotations
 import io
 import math
@@ -20,22 +20,25 @@ def _joined() -> bool: return dist.is_available() and dist.is_initialized()
 
 
 def world() -> int:
-    "Processes of the run: the process group's size, else the launcher's `WORLD_SIZE`, else 1."
+    "Processes of the run; 1 when not launched on several."
+    # the process group's size, else the launcher's `WORLD_SIZE`
     return dist.get_world_size() if _joined() else max(1, num_distrib())
 
 
 def rank() -> int:
-    "This process's rank: the process group's, else the launcher's `RANK`, else 0."
+    "This process's rank; 0 in one process."
+    # the process group's, else the launcher's `RANK`
     return dist.get_rank() if _joined() else rank_distrib()
 
 
 def is_main() -> bool:
-    "Whether this process is rank 0, the one that writes the run's files."
+    "Whether this is rank 0, which writes the run's files."
     return rank() == 0
 
 
 def init_distributed():
-    "Join the process group `torchrun` or `accelerate launch` set up (NCCL on GPUs, gloo on CPUs); nothing in one process."
+    "Join the process group `torchrun` or `accelerate launch` set up."
+    # NCCL on GPUs, gloo on CPUs; nothing happens in one process
     # accelerate's state picks the backend and, on GPUs, this process's device, as its Accelerator later expects
     if num_distrib() > 1 and not _joined():
         from accelerate import PartialState
@@ -44,14 +47,16 @@ def init_distributed():
 
 def rank_seed(seed: int,   # the run's seed
               r: int):     # a rank
-    "The seed of rank `r`'s training tasks and augmentation: a run is reproducible for a given number of processes."
+    "The seed of rank `r`'s training tasks and augmentation."
+    # a run is reproducible for a given number of processes
     return int(np.random.SeedSequence([seed, r]).generate_state(1)[0])
 
 
-def local_batch(meta_batch_size: int,   # tasks a step over all processes
+def local_batch(meta_batch_size: int,   # tasks per step over all processes
                 n: int | None = None    # processes; None: `world()`
-                ) -> int:               # tasks a step on each process
-    "Each process's share of the tasks of a step; a `ValueError` with the fix when they do not divide evenly."
+                ) -> int:               # tasks per step on each process
+    "Each process's share of the tasks of a step."
+    # a `ValueError` with the fix when they do not divide evenly
     n = world() if n is None else n
     if meta_batch_size % n:
         lo, hi = meta_batch_size // n * n, (meta_batch_size // n + 1) * n
@@ -93,7 +98,7 @@ def broadcast_object(obj  # rank 0's is kept, the others' are ignored
 
 def peer_failed(e: BaseException  # an error this process met
                 ) -> bool:
-    "Whether `e` is torch.distributed's report that another process of the run is gone."
+    "Whether `e` reports that a peer process of the run is gone."
     # DDP's gradient hooks report a lost peer as a plain RuntimeError, in gloo's words
     return world() > 1 and (isinstance(e, dist.DistError) or any(w in str(e) for w in ('closed by peer', 'remote worker')))
 
@@ -106,10 +111,11 @@ def unwrap(model: nn.Module  # a model, perhaps in `DistributedDataParallel` or 
 
 def shard_episodes(dl: EpisodeDL  # fixed episodes, the same on every process
                    ) -> EpisodeDL:
-    "This rank's consecutive share of `dl`'s episodes, in whole batches; `dl` itself in one process or when already a share."
+    "This rank's consecutive episodes of `dl`, in whole batches."
+    # `dl` itself in one process, or when it is already a share
     if world() == 1 or not _joined() or getattr(dl, 'shard', None) is not None: return dl
     n = len(dl.episodes)
-    # whole batches a rank: each rank's batches are batches of one process, so features and probes match it exactly
+    # whole batches per rank: each rank's batches are batches of one process, so features and probes match it exactly
     per = math.ceil(math.ceil(n / dl.bs) / world()) * dl.bs
     lo, hi = min(n, rank() * per), min(n, (rank() + 1) * per)
     # a new loader seeds itself from Python's `random`, which draws the training tasks
@@ -121,7 +127,8 @@ def shard_episodes(dl: EpisodeDL  # fixed episodes, the same on every process
 def gather_episodes(accs: dict,      # per-episode accuracies by shot count, of the episodes of `dl`
                     dl: EpisodeDL    # the episodes scored: a share from `shard_episodes`, or all of them
                     ) -> dict:       # per-episode accuracies of all the episodes, in their order
-    "Per-episode accuracies of every rank's share, put together in episode order; `accs` itself when `dl` is not a share."
+    "Per-episode accuracies of all ranks' shares, in episode order."
+    # `accs` itself when `dl` is not a share
     if getattr(dl, 'shard', None) is None: return accs
     parts = gather_objects(accs)
     # an empty share (fewer episodes than ranks) must not change the others' dtype
@@ -129,7 +136,8 @@ def gather_episodes(accs: dict,      # per-episode accuracies by shot count, of 
 
 
 class MTLDistributedTrainer(DistributedTrainer):
-    "fastai's `DistributedTrainer` for MTL: each rank trains on its share of a step's tasks, and scores its share of the episodes."
+    "fastai's `DistributedTrainer` for MTL."
+    # each rank trains on its share of each step's tasks, and scores its share of the episodes
     def __init__(self, sync_bn=False,   # batch statistics over all processes (`nn.SyncBatchNorm`, GPUs only)
                  **kwargs):             # passed to accelerate's `Accelerator`
         from accelerate import DistributedDataParallelKwargs
@@ -148,7 +156,7 @@ class MTLDistributedTrainer(DistributedTrainer):
         if getattr(dl, 'rank_share', False): return dl
         if isinstance(dl, EpisodeDL): return shard_episodes(dl)
         if not isinstance(dl, TaskDL): return super()._wrap_dl(dl)
-        # the same steps an epoch as in one process, each of `meta_batch_size` tasks over all ranks
+        # the same steps per epoch as in one process, each of `meta_batch_size` tasks over all ranks
         bs = local_batch(dl.bs, self.accelerator.num_processes)
         with seeded_random(None): out = dl.new(bs=bs, n=len(dl) * bs)
         out.rank_share = True
@@ -174,5 +182,6 @@ class MTLDistributedTrainer(DistributedTrainer):
         super().after_fit()
 
     def _same_buffers(self):
-        "Rank 0's buffers (BatchNorm statistics) on every rank: all score, and end with, the weights rank 0 saves."
+        "Rank 0's buffers (BatchNorm statistics) on every rank."
+        # all ranks score, and end with, the weights rank 0 saves
         for b in unwrap(self.learn.model).buffers(): dist.broadcast(b.data, 0)

@@ -1,4 +1,4 @@
-"The episodic test: a probe fitted on each episode's support features, scored on its queries; mean accuracy and 95% CI."
+"The episodic test: a probe fitted and scored per episode; mean accuracy and 95% CI."
 from __future__ import annotations
 from dataclasses import dataclass, field
 
@@ -22,18 +22,20 @@ __all__ = ['EvalResult', 'EvalResults', 'EpisodeScorer', 'ci95', 'episodic_accur
 
 def ci95(accs  # accuracy of each episode
          ) -> float:
-    "Half-width of the 95% confidence interval of the mean of `accs`: 1.96 * std / sqrt(n), std over the episodes."
+    "Half-width of the 95% confidence interval of the mean of `accs`."
+    # 1.96 * std / sqrt(n), the std over the episodes
     accs = np.asarray(accs, dtype=np.float64)
     return float(1.96 * accs.std() / np.sqrt(len(accs)))
 
 
 @dataclass
 class EvalResult:
-    "Accuracy of `ways`-way `shots`-shot episodes: `mean` and `ci95` as fractions, the per-episode `accs`; shown as `77.72 ± 0.09%`."
+    "Accuracy of fixed episodes, shown as `77.72 ± 0.09%`."
+    # `mean` and `ci95` are fractions, from the per-episode `accs`
     accs: np.ndarray = field(repr=False)   # accuracy of each episode, 0..1
     ways: int = 5                          # classes in an episode
-    shots: int = 5                         # support images of each class
-    queries: int = 15                      # query images of each class
+    shots: int = 5                         # support images per class
+    queries: int = 15                      # query images per class
 
     @property
     def mean(self) -> float: return float(np.mean(self.accs))
@@ -52,12 +54,12 @@ class EvalResults(dict):
 
 
 class EpisodeScorer:
-    "Takes the features of episodes batch by batch and scores them with a probe, `group` feature rows at a time."
+    "Scores episodes' features with a probe, batch by batch."
     def __init__(self,
                  ways: int,              # classes in an episode
-                 per_class: int,         # images of a class in an episode: supports first, then `queries`
-                 queries: int,           # query images of a class
-                 shots=(1, 5),           # shot counts to score; each uses the first supports of a class
+                 per_class: int,         # images per class in an episode: supports first, then `queries`
+                 queries: int,           # query images per class
+                 shots=(1, 5),           # shot counts to score; each uses the first supports of each class
                  probe='logistic',       # a probe name for `get_probe`, or a probe
                  group: int = 2 ** 15):  # feature rows kept before the probe runs on their episodes
         self.ways, self.per_class, self.queries, self.probe, self.group = ways, per_class, queries, probe, group
@@ -68,7 +70,7 @@ class EpisodeScorer:
         self.accs, self.held, self.rows = {s: [] for s in self.shots}, [], 0
 
     def add(self, features):  # features (n * ways * per_class, D) of whole episodes
-        "Features (n * ways * per_class, D) of whole episodes, in the order of their images."
+        "Take the features of whole episodes, in the order of their images."
         self.held.append(features)
         self.rows += len(features)
         if self.rows >= self.group: self._score()

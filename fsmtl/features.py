@@ -1,4 +1,4 @@
-"Features of a backbone for the probes: in eval mode, without autograd, a bounded number of images at a time, L2-normalised."
+"Backbone features for the probes: in eval mode, in chunks, L2-normalised."
 from __future__ import annotations
 import math
 
@@ -13,14 +13,14 @@ __all__ = ['feature_model', 'model_device', 'extract_features']
 
 def feature_model(model: nn.Module  # a backbone, or a model with a `backbone`
                   ) -> nn.Module:
-    "The part of `model` (unwrapped from data parallelism) that maps images to features: its `backbone`, else itself."
-    model = unwrap(model)
-    return getattr(model, 'backbone', model)
+    "The part of `model` that maps images to features."
+    model = unwrap(model)   # from data parallelism
+    return getattr(model, 'backbone', model)   # its `backbone`, else itself
 
 
 def model_device(model: nn.Module  # any module
                  ) -> torch.device:
-    "The device of `model`'s first parameter (the CPU for a model without parameters)."
+    "The device of `model`'s first parameter; the CPU if it has none."
     return next(model.parameters(), torch.empty(0)).device
 
 
@@ -33,9 +33,10 @@ def _forward(m: nn.Module, x):
 
 def extract_features(model: nn.Module,         # a backbone, or a model with a `backbone`
                      x: torch.Tensor,          # normalised images (N, C, H, W)
-                     chunk: int = 256,         # images a forward pass at most: bounds the activations held at once
+                     chunk: int = 256,         # images per forward pass at most: bounds the activations held at once
                      normalize: bool = True):  # L2-normalise each feature vector, as the probes expect
-    "Features (N, D) of the images `x`, `chunk` at a time, in eval mode and without autograd; the model's mode is restored."
+    "Features (N, D) of `x` in eval mode, without autograd."
+    # `chunk` images at a time; the model's mode is restored after
     m = feature_model(model)
     training = m.training
     m.eval()

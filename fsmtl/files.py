@@ -1,4 +1,4 @@
-"Files fsmtl writes: one atomic writer (never a half-written file; a full disk named), and the lock of a run folder."
+"Files fsmtl writes: one atomic writer, and the lock of a run folder."
 from __future__ import annotations
 import errno
 import fcntl
@@ -12,7 +12,9 @@ __all__ = ['write_atomic', 'RunLock']
 def write_atomic(path,  # the file to write
                  data   # bytes, str (written as UTF-8), or a function that writes to an open binary file
                  ) -> Path:
-    "Write `data` to `path` through a temporary file in the same folder, renamed only once complete and synced."
+    "Write `data` to `path` atomically."
+    # through a temporary file in the same folder, renamed only once complete and synced: never a half-written
+    # file; a full disk is named
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.part')
@@ -33,7 +35,8 @@ def write_atomic(path,  # the file to write
 
 
 class RunLock:
-    "An exclusive lock on a run folder for the life of a run: a second run of the folder is refused, a dead run's lock is free."
+    "An exclusive lock on a run folder for the life of a run."
+    # a second run of the folder is refused; a dead run's lock is free
     def __init__(self, folder):  # the run folder
         self.folder = Path(folder)
         self.path, self.file = self.folder / '.lock', None

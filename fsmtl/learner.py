@@ -1,4 +1,4 @@
-"The MTL model (a backbone and one head row per base class), its multi-task loss, optimisers by name and `mtl_learner`."
+"The MTL model, its multi-task loss, optimisers by name and `mtl_learner`."
 from __future__ import annotations
 import math
 from functools import partial
@@ -32,7 +32,8 @@ __all__ = ['MTLModel', 'MultiTaskLoss', 'OPTIMIZERS', 'TORCH_OPTIMIZER', 'get_op
 
 
 class MTLModel(nn.Module):
-    "A backbone and a head matrix with one row per base class, no bias: logits of every base class for each image."
+    "A backbone and a bias-free head with one row per base class."
+    # it gives the logits of every base class for each image
     def __init__(self,
                  backbone: nn.Module,               # maps images to (N, num_features) features
                  num_features: int,                 # the backbone's feature size
@@ -47,7 +48,7 @@ class MTLModel(nn.Module):
         self.head = nn.Parameter(head * math.sqrt(n_base / ways))
 
     def features(self, x):  # images (N, C, H, W)
-        "The features the head sees: the backbone's, L2-normalised when `norm_train_features`."
+        "The features the head sees, L2-normalised if `norm_train_features`."
         f = self.backbone(x)
         return F.normalize(f, dim=-1) if self.norm_train_features else f
 
@@ -57,17 +58,18 @@ class MTLModel(nn.Module):
 
 
 class MultiTaskLoss(nn.Module):
-    "Mean over the tasks of a batch of the cross-entropy of each task over its own `ways` classes, against local labels."
+    "The mean cross-entropy of each task over its own classes."
+    # the mean over the batch's tasks, against labels local to each task
     def __init__(self,
                  ways: int,        # classes in a task
-                 per_class: int):  # images of each class in a task (shots + queries)
+                 per_class: int):  # images per class in a task (shots + queries)
         super().__init__()
         self.ways, self.per_class = ways, per_class
 
     def task_logits(self,
                     logits,  # scores (N, n_base) of the batch's images
                     y):      # their global class ids, task-major and class-major
-        "Each image's logits over its task's classes (N, ways) and its label 0..ways-1 within the task."
+        "Each image's logits (N, ways) and label within its own task."
         y = y.as_subclass(torch.Tensor).long()
         n = self.ways * self.per_class
         if len(y) % n: raise ValueError(f"a batch of {len(y)} images is not whole tasks of {self.ways} x {self.per_class}")
@@ -110,7 +112,8 @@ def get_opt(name: str):  # an optimiser name of `OPTIMIZERS` or `TORCH_OPTIMIZER
 
 
 class MTLLearner(Learner):
-    "fastai's `Learner`, whose `fit(start_epoch=k)` resumes at epoch `k` without logging the epochs before it."
+    "fastai's `Learner` that resumes a fit: `fit(start_epoch=k)`."
+    # the epochs before `k` are not logged
     def fit(self,
             n_epoch: int,      # epochs, counting those before `start_epoch`
             lr=None,           # learning rate; None: the learner's
@@ -118,7 +121,8 @@ class MTLLearner(Learner):
             cbs=None,          # more callbacks for this fit
             reset_opt=False,   # a new optimiser
             start_epoch=0):    # the epoch to resume at
-        "fastai's `fit`, starting at `start_epoch` (the schedules run as if the epochs before had run)."
+        "fastai's `fit`, resumed at `start_epoch`."
+        # the schedules run as if the epochs before had run
         # fastai's SkipToEpoch cancels earlier epochs one by one, and each cancelled epoch still adds a row to the history
         self._start_epoch = start_epoch
         try: super().fit(n_epoch, lr=lr, wd=wd, cbs=cbs, reset_opt=reset_opt)
@@ -127,7 +131,8 @@ class MTLLearner(Learner):
     def to_distributed(self,
                        sync_bn=True,  # batch statistics over all processes (`nn.SyncBatchNorm`, GPUs only)
                        **kwargs):     # passed to accelerate's `Accelerator`
-        "fastai's `to_distributed` (which `distrib_ctx` calls) with `MTLDistributedTrainer`; only rank 0 shows progress."
+        "fastai's `to_distributed` with `MTLDistributedTrainer`."
+        # `distrib_ctx` calls it; only rank 0 shows progress
         # one process (torchrun --nproc_per_node 1) trains as it is, as fastai's `detach_distributed` expects
         if world() < 2: return self
         self.add_cb(MTLDistributedTrainer(sync_bn, **kwargs))
@@ -154,10 +159,12 @@ class MTLLearner(Learner):
 
 
 class InputOnly(DataLoaders):
-    "No loaders, only `splits`: an empty benchmark that keeps the input (size, mean, std) of an exported learner."
+    "Empty DataLoaders keeping an exported learner's input."
+    # no loaders, only `splits`: an empty benchmark with the input's size, mean and std
     @classmethod
     def of(cls, dls):  # DataLoaders from `mtl_dls`
-        "The input of `dls` (its `splits`' size, mean, std and interpolation), without images."
+        "The input of `dls`, without images."
+        # its `splits`' size, mean, std and interpolation
         s = dls.splits
         empty = lambda: Split(np.zeros((0, s.train.image_size(), s.train.image_size(), 3), np.uint8), [], [])
         res = cls(path=dls.path, device=dls.device)
@@ -174,7 +181,7 @@ def plateau_cbs(patience: int = 4,         # epochs without a gain in `monitor` 
                 factor: float = 10.,       # the learning rate is divided by this
                 stop_patience: int = 15,   # epochs without a gain before training stops
                 monitor: str = 'episodic_acc'):  # the metric watched
-    "The original's plateau schedule as fastai callbacks: lr divided by `factor` after `patience` flat epochs, stop after `stop_patience`."
+    "The original code's plateau schedule as fastai callbacks."
     return [ReduceLROnPlateau(monitor=monitor, comp=np.greater, patience=patience, factor=factor),
             EarlyStoppingCallback(monitor=monitor, comp=np.greater, patience=stop_patience)]
 
@@ -183,7 +190,8 @@ def step_sched(lr: float,      # the initial learning rate
                every: int,     # epochs between drops
                rate: float,    # multiplies the learning rate at each drop
                n_epoch: int):  # epochs of the fit
-    "A fastai schedule (a function of the fraction of training done) multiplying `lr` by `rate` every `every` epochs."
+    "A fastai schedule multiplying `lr` by `rate` every `every` epochs."
+    # a function of the fraction of training done
     return lambda pos: lr * rate ** math.floor(pos * n_epoch / every + 1e-9)
 
 
@@ -217,7 +225,7 @@ def fit_step(self: Learner,
 
 @patch
 def history(self: Recorder) -> pd.DataFrame:
-    "The losses and metrics of each epoch of the last fit, one row per epoch (numbered from 0)."
+    "One row per epoch (from 0) of the last fit's losses and metrics."
     names = [n for n in self.metric_names[1:] if n != 'time']   # the Recorder keeps no time in its values
     return pd.DataFrame(self.values, columns=names).rename_axis('epoch')
 
@@ -225,7 +233,7 @@ def history(self: Recorder) -> pd.DataFrame:
 @patch
 def plot_episodic(self: Recorder,
                   ax=None):  # matplotlib axes to draw on; None: a new figure
-    "Plot `episodic_acc` of each epoch (numbered from 1) with its 95% confidence interval as error bars."
+    "Plot `episodic_acc` per epoch (from 1) with its 95% CI as error bars."
     h = self.history()
     if 'episodic_acc' not in h: raise ValueError("no episodic_acc in this learner's history: add EpisodicEval to its callbacks")
     h = h.dropna(subset=['episodic_acc'])

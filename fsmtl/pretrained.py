@@ -1,4 +1,4 @@
-"A pretrained backbone's own input (size, mean, std, interpolation), fastai's splitter over timm's stages, and frozen first epochs."
+"A pretrained backbone's own input, a splitter over timm's stages, frozen first epochs."
 from __future__ import annotations
 import dataclasses
 
@@ -18,7 +18,7 @@ def input_config(backbone: nn.Module,             # a timm model (pretrained or 
                  std=None,                        # the user's per-channel std; None: the model's
                  interpolation: str | None = None  # the user's resize filter; None: the model's
                  ) -> dict:                       # size, mean, std, interpolation
-    "The input `backbone` was pretrained on, from timm's `resolve_model_data_config`, with what the user gives put first."
+    "The input `backbone` was pretrained on, overridden by the user's."
     from timm.data import resolve_model_data_config
     cfg = resolve_model_data_config(backbone)
     given = dict(size=size, mean=mean, std=std, interpolation=interpolation)
@@ -36,7 +36,8 @@ def follow_input(dls,                            # DataLoaders from `mtl_dls`
                  mean,                           # per-channel mean of images in 0..1
                  std,                            # per-channel std of images in 0..1
                  interpolation: str = 'bilinear'):  # the filter of the batch resize
-    "Serve `dls`'s batches at `size` (resized a batch at a time on the device) and normalised by `mean`, `std`."
+    "Serve `dls`'s batches at `size`, normalised by `mean` and `std`."
+    # resized per batch on the device
     s = dls.splits
     # a new `FewShotSplits` over the same images: other DataLoaders built on the old one keep their input
     dls.splits = dataclasses.replace(s, mean=tuple(mean), std=tuple(std), input_size=int(size), interpolation=interpolation)
@@ -48,8 +49,8 @@ def follow_input(dls,                            # DataLoaders from `mtl_dls`
 
 
 def _stage_params(backbone: nn.Module) -> list:
-    "The backbone's parameters in timm's `group_matcher` stages (stem first), or all in one group without one."
-    if not hasattr(backbone, 'group_matcher'): return [list(backbone.parameters())]
+    "The backbone's parameters in timm's `group_matcher` stages, stem first."
+    if not hasattr(backbone, 'group_matcher'): return [list(backbone.parameters())]   # all in one group
     from timm.models import group_parameters
     names = group_parameters(backbone, backbone.group_matcher(coarse=True))
     params = dict(backbone.named_parameters())
@@ -58,12 +59,14 @@ def _stage_params(backbone: nn.Module) -> list:
 
 def mtl_splitter(model: nn.Module  # an `MTLModel`: a `backbone` and a `head`
                  ) -> list:        # lists of parameters, the head last
-    "fastai's parameter groups of an MTL model: the backbone's timm stages (one group without a `group_matcher`), then the head."
+    "fastai's parameter groups: the backbone's stages, then the head."
+    # timm's stages; one group for a backbone without a `group_matcher`
     return _stage_params(model.backbone) + [[model.head]]
 
 
 class FrozenEpochs(Callback):
-    "Train the head only (fastai's `freeze`) for the first `epochs` epochs of a fit, then everything: one fit, so it resumes."
+    "Train the head only for the first `epochs` epochs, then all."
+    # as fastai's `freeze`, within one fit, so that a run resumes
     order = Recorder.order + 1
 
     def __init__(self, epochs: int = 1):  # epochs with the backbone frozen

@@ -1,4 +1,4 @@
-"Linear probes fitted on the support features of many episodes at once: batched logistic regression, scikit-learn's, prototypes."
+"Linear probes fitted on the support features of many episodes at once."
 from __future__ import annotations
 
 import warnings
@@ -11,7 +11,7 @@ __all__ = ['LogisticProbe', 'SklearnProbe', 'PrototypeProbe', 'get_probe', 'PROB
 
 
 def _episodes(x, y=None):
-    "`x` as (E, n, D) and `y` as (E, n) long, adding the episode axis to a single episode; and whether it was added."
+    "`x` as (E, n, D), `y` as (E, n) long, and whether an episode axis was added."
     single = x.dim() == 2
     if single: x = x[None]
     if x.dim() != 3: raise ValueError(f"features must be (episodes, images, features) or (images, features), got {tuple(x.shape)}")
@@ -37,18 +37,19 @@ def _n_classes(y) -> int:
 
 
 class _Probe:
-    "What the probes share: `fit(x, y)` on support features, then `predict` / `predict_proba` on query features."
+    "What the probes share: `fit(x, y)`, then `predict` and `predict_proba`."
     def fit(self,
             x,   # support features (E, n, D), or (n, D) for one episode
             y):  # their labels 0..W-1, (E, n) or (n,)
-        "Fit on support features `x` (E, n, D) or (n, D) with labels `y` in 0..W-1; returns the probe."
+        "Fit to support features `x` and labels `y`; returns self."
         x, y, self.single = _episodes(x, y)
         self.ways, self.episodes = _n_classes(y), len(x)
         self._fit(x, y)
         return self
 
     def logits(self, x):  # query features (E, m, D), or (m, D) for one episode
-        "Class scores of query features `x` (E, m, D) or (m, D), for the episodes the probe was fitted on."
+        "Class scores (E, m, W) or (m, W) of query features `x`."
+        # of the episodes the probe was fitted on
         if not hasattr(self, 'ways'): raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(support, labels) first")
         x, _, single = _episodes(x)
         if len(x) != self.episodes: raise ValueError(f"the probe was fitted on {self.episodes} episodes, got queries of {len(x)}")
@@ -56,16 +57,19 @@ class _Probe:
         return out[0] if single else out
 
     def predict_proba(self, x):  # query features (E, m, D), or (m, D)
-        "Class probabilities of query features `x`, shape (E, m, W) or (m, W)."
+        "Class probabilities of query features `x`."
+        # (E, m, W), or (m, W) for one episode
         return self.logits(x).softmax(-1)
 
     def predict(self, x):  # query features (E, m, D), or (m, D)
-        "Predicted class (0..W-1) of query features `x`, shape (E, m) or (m,)."
+        "Predicted class (0..W-1) of query features `x`."
+        # (E, m), or (m,) for one episode
         return self.logits(x).argmax(-1)
 
 
 class LogisticProbe(_Probe):
-    "Multinomial logistic regression with scikit-learn's objective (L2 on the weights, free intercept), solved for many episodes at once."
+    "scikit-learn's logistic regression, for many episodes at once."
+    # multinomial, with scikit-learn's objective: L2 on the weights, a free intercept
     def __init__(self,
                  C: float = 3.,          # inverse regularisation strength, as scikit-learn's `C`
                  tol: float = 1e-6,      # stop when every episode's largest gradient entry is below this
@@ -83,7 +87,7 @@ class LogisticProbe(_Probe):
         return torch.baddbmm(self.b[:, None], x, self.W.transpose(1, 2))
 
     def _solve(self, x, y):
-        "Weights (E, W, D) and intercepts (E, W) of the episodes `x` (E, n, D) with labels `y` (E, n)."
+        "Weights (E, W, D) and intercepts (E, W) of episodes `x` (E, n, D), labels `y` (E, n)."
         # the optimal weights lie in the span of the support features, as the penalty is on them alone: with the
         # Gram matrix x x^T = U L U^T, the same regression on z = U L^(1/2) has n numbers an image instead of D
         lam, u = torch.linalg.eigh((x @ x.transpose(1, 2)).double())
@@ -96,7 +100,8 @@ class LogisticProbe(_Probe):
         return (theta[..., :-1] @ a.transpose(1, 2)).to(x.dtype) @ x, theta[..., -1]
 
     def _newton(self, z, lam, onehot, C):
-        "Minimise C * cross-entropy + |V|^2 / 2 over theta = [V | b] (E, W, n+1) by Newton steps (preconditioned CG), with backtracking."
+        "Minimise C * cross-entropy + |V|^2 / 2 over theta = [V | b] (E, W, n+1)."
+        # by Newton steps (preconditioned CG), with backtracking
         z = torch.cat([z, torch.ones_like(z[..., :1])], -1)   # the last coordinate, 1, carries the intercept
         free = torch.ones(z.shape[-1], dtype=z.dtype, device=z.device)
         free[-1] = 0   # the intercept is not penalised
@@ -124,7 +129,8 @@ class LogisticProbe(_Probe):
 
     @staticmethod
     def _preconditioner(z, lam, p, C, free):
-        "Solves with Boehning's form of the Hessian, c C (I - 11^T/W) kron z^T z + penalty, c the mean of p(1-p)."
+        "Solves with Boehning's form of the Hessian."
+        # c C (I - 11^T/W) kron z^T z + penalty, c the mean of p(1-p)
         # z^T z is diag(lam) bordered by the column sums of z: an arrow matrix, solved by its Schur complement
         c = C * (p * (1 - p)).mean((1, 2)).clamp_min(1e-3)[:, None]
         d = c * lam + 1                                    # (E, n)
@@ -140,9 +146,9 @@ class LogisticProbe(_Probe):
 
     @staticmethod
     def _cg(hess, precond, grad, dot, todo):
-        "An inexact Newton step for the episodes `todo`: preconditioned CG on H d = -grad, to a residual of min(1/2, sqrt|grad|) |grad|."
+        "An inexact Newton step for the episodes `todo`: preconditioned CG on H d = -grad."
         norm = dot(grad, grad).sqrt()
-        target = norm * norm.sqrt().clamp(max=0.5)
+        target = norm * norm.sqrt().clamp(max=0.5)   # a residual of min(1/2, sqrt|grad|) |grad|
         d, r = torch.zeros_like(grad), -grad
         s = precond(r)
         q, rs = s, dot(r, s)
@@ -159,7 +165,8 @@ class LogisticProbe(_Probe):
 
     @staticmethod
     def _backtrack(objective, theta, step, slope, halvings: int = 12):
-        "Per episode, the largest of 1, 1/2, 1/4, ... that decreases the objective enough (Armijo); (E, 1, 1)."
+        "Per episode, the largest of 1, 1/2, 1/4 ... that lowers the objective enough."
+        # enough: by Armijo's rule; the steps come as (E, 1, 1)
         f0, t = objective(theta), torch.ones_like(slope)
         for _ in range(halvings):
             bad = objective(theta + t[:, None, None] * step) > f0 + 1e-4 * t * slope
@@ -169,7 +176,8 @@ class LogisticProbe(_Probe):
 
 
 class SklearnProbe(_Probe):
-    "scikit-learn's `LogisticRegression(penalty='l2', C=3, solver='lbfgs', max_iter=1000)`, one episode at a time on the CPU."
+    "scikit-learn's `LogisticRegression`, one episode at a time."
+    # on the CPU; LogisticRegression(penalty='l2', C=3, solver='lbfgs', max_iter=1000) with the defaults
     def __init__(self, C: float = 3.,         # inverse regularisation strength
                  max_iter: int = 1000):       # L-BFGS iterations at most
         self.C, self.max_iter = C, max_iter
@@ -189,7 +197,8 @@ class SklearnProbe(_Probe):
 
 
 class PrototypeProbe(_Probe):
-    "Nearest class mean by cosine similarity; probabilities are the softmax of `scale` times the cosines."
+    "Nearest class mean by cosine similarity."
+    # the probabilities are the softmax of `scale` times the cosines
     def __init__(self, scale: float = 10.):   # temperature of the probabilities; predictions do not depend on it
         self.scale = scale
 

@@ -1,4 +1,4 @@
-"Logging of a training run: the CSV history (resumable), TensorBoard when installed, wandb (offline unless logged in), JSON files."
+"Logs of a training run: the CSV history, TensorBoard, wandb and JSON files."
 from __future__ import annotations
 import json
 import math
@@ -18,12 +18,13 @@ __all__ = ['interactive', 'quiet', 'RunCSVLogger', 'EpochTable', 'tensorboard_cb
 
 
 def interactive() -> bool:
-    "Whether output goes to a notebook or a terminal, where progress bars can redraw in place."
+    "Whether output goes to a notebook or a terminal, where bars redraw in place."
     return IN_NOTEBOOK or sys.stdout.isatty()
 
 
 class RunCSVLogger(CSVLogger):
-    "fastai's `CSVLogger`, writing an epoch's row only once its checkpoint is saved; a resumed run keeps its first `keep` rows."
+    "fastai's `CSVLogger`, writing an epoch's row only once its checkpoint is saved."
+    # a resumed run keeps its first `keep` rows
     order = Checkpoints.order + 1   # after the checkpoint: the history never holds an epoch the checkpoints lack
 
     def __init__(self,
@@ -53,7 +54,8 @@ class RunCSVLogger(CSVLogger):
 
 
 class EpochTable(Callback):
-    "The epoch table of fastai's progress bars without the bars: a header, then one line per epoch, for logs in files."
+    "The epoch table of fastai's progress bars without the bars, for logs in files."
+    # a header, then one line per epoch
     order = ProgressCallback.order
 
     def before_fit(self):
@@ -78,12 +80,13 @@ def quiet(learn):  # a `Learner`
 
 
 def tensorboard_cb(log_dir):
-    "A TensorBoard callback writing to `log_dir` when the tensorboard package is installed, else None."
+    "A TensorBoard callback writing to `log_dir`; None without tensorboard."
     try: from fastai.callback.tensorboard import TensorBoardCallback
     except ImportError: return None
 
     class TensorBoard(TensorBoardCallback):
-        "fastai's TensorBoard callback, leaving out values that are missing (no validation loss on novel classes)."
+        "fastai's TensorBoard callback, leaving out missing values."
+        # such as the validation loss, which there is none of on novel classes
         def after_epoch(self):
             for n, v in zip(self.recorder.metric_names[2:-1], self.recorder.log[2:-1]):
                 if v is not None and not (isinstance(v, float) and math.isnan(v)): self.writer.add_scalar(n, v, self.train_iter)
@@ -92,7 +95,8 @@ def tensorboard_cb(log_dir):
 
 
 def wandb_mode() -> str:
-    "`WANDB_MODE` when set; else 'online' when the user has logged in to wandb (an API key in the environment or ~/.netrc), else 'offline'."
+    "`WANDB_MODE` if set, else 'online' once logged in to wandb, else 'offline'."
+    # logged in: an API key in the environment or in ~/.netrc
     if os.environ.get('WANDB_MODE'): return os.environ['WANDB_MODE']
     if os.environ.get('WANDB_API_KEY'): return 'online'
     try: hosts = netrc.netrc(os.environ.get('NETRC')).hosts
@@ -101,7 +105,7 @@ def wandb_mode() -> str:
 
 
 def wandb_cb(run_dir, config: dict, name: str):
-    "Start a wandb run in `run_dir` (mode from `wandb_mode`) and return fastai's WandbCallback for it."
+    "Start a wandb run in `run_dir`; return fastai's `WandbCallback` for it."
     try:
         import wandb
         from fastai.callback.wandb import WandbCallback

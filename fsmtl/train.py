@@ -1,4 +1,4 @@
-"`train(...)`: the one-line call that builds the data and the learner, trains and tests the best checkpoint; `evaluate_checkpoint`."
+"`train(...)`: a whole run in one call; `evaluate_checkpoint`: its final test alone."
 from __future__ import annotations
 import dataclasses
 import difflib
@@ -35,7 +35,7 @@ OPTIONS = {
     'root': ('~/data', 'folder of the benchmarks (for folder: your folder of class folders)'),
     'log_dir': ('runs', 'runs are written to a folder in here: checkpoints, history.csv, config.json, results.json'),
     'run_name': (None, 'name of the run folder; default: dataset-model-date-time'),
-    'algorithm': ('mtl', 'mtl, or a meta-learner: protonet, metaoptnet, r2d2, anil, maml (support: the first train_shots a class)'),
+    'algorithm': ('mtl', 'mtl, or a meta-learner: protonet, metaoptnet, r2d2, anil, maml (support: the first train_shots per class)'),
     'model': ('resnet12', 'backbone: resnet12 or any timm architecture name'),
     'model_kwargs': (None, 'keyword arguments of the architecture (timm.create_model), a dict'),
     'pretrained': (False, 'True: timm hub weights; a path: a local weights file. Images then get the model\'s size, mean and std'),
@@ -45,11 +45,11 @@ OPTIONS = {
     'seed': (0, 'seeds the initialisation and the training tasks, and fixes the validation and test episodes'),
     'norm_train_features': (False, 'L2-normalise features before the head in training'),
     'train_ways': (5, 'classes in a training task'),
-    'train_shots': (5, 'support images a class in a training task'),
-    'train_queries': (5, 'query images a class in a training task (MTL uses shots + queries alike)'),
+    'train_shots': (5, 'support images per class in a training task'),
+    'train_queries': (5, 'query images per class in a training task (MTL uses shots + queries alike)'),
     'test_ways': (5, 'classes in a validation and test episode'),
-    'test_shots': (5, 'support images a class in validation (model selection); the final test also scores 1 and 5'),
-    'test_queries': (15, 'query images a class in a validation and test episode'),
+    'test_shots': (5, 'support images per class in validation (model selection); the final test also scores 1 and 5'),
+    'test_queries': (15, 'query images per class in a validation and test episode'),
     'meta_batch_size': (6, 'tasks in a training batch (over all processes, when several train)'),
     'epoch_length': (1600, 'training tasks in an epoch'),
     'val_epoch_length': (400, 'validation episodes, scored after every epoch'),
@@ -103,7 +103,7 @@ RECIPES = tuple(dict(dataset=d, shots=s, options=o, paper=p) for d, s, o, p in [
 
 def recipe_command(recipe: dict,   # one of `RECIPES`, or any dict with a `dataset` and `options`
                    **extra         # more options, e.g. `root='~/data'`
-                   ) -> str:       # one line, flags as in the original README
+                   ) -> str:       # one line, flags as in the original code's README
     "The `fsmtl train` command line of `recipe`."
     opts = dict(recipe['options'], **extra)
     flags = [f'--{k}' if v is True else f'--{k} {v}' for k, v in opts.items() if v is not False]
@@ -132,7 +132,8 @@ class TrainResult:
 
 
 def _options(given: dict, base: dict | None = None) -> dict:
-    "The full configuration: the defaults, updated by `base` (a resumed run's) and then by the options `given`."
+    "The full configuration: the defaults, updated by `base`, then by `given`."
+    # `base`: a resumed run's configuration
     unknown = [k for k in given if k not in OPTIONS]
     if unknown:
         hints = {k: difflib.get_close_matches(k, OPTIONS, 1) for k in unknown}
@@ -155,7 +156,7 @@ _TEST_OPTIONS = ('test_ways', 'test_shots', 'test_queries', 'final_test_epoch_le
 
 
 def _check_numbers(cfg, names):
-    "Fail on the first numeric option of `names` out of its range, naming the option and the values it takes."
+    "Fail on the first option of `names` out of range, naming the values it takes."
     for k in names:
         v = cfg[k]
         if v is None and k in ('size', 'num_workers'): continue
@@ -166,7 +167,8 @@ def _check_numbers(cfg, names):
 
 
 def _check(cfg):
-    "Fail before any work on an unknown algorithm, scheduler, probe or optimiser, a number out of range, or contradicting options."
+    "Fail before any work on options that cannot run."
+    # an unknown algorithm, scheduler, probe or optimiser, a number out of range, or contradicting options
     if cfg['scheduler'] not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {cfg['scheduler']!r}: use one of {', '.join(SCHEDULERS)}")
     if cfg['fp16'] and cfg['bf16']: raise ValueError("choose fp16 or bf16, not both")
@@ -187,7 +189,7 @@ def _check(cfg):
 
 
 def _val_probe(cfg):
-    "The probe of the validation episodes: the test's, but l2 when the test uses a meta-learner's native head."
+    "The probe of the validation episodes: the test's, or l2 for a native test."
     return get_probe('l2' if cfg['test_method'] == 'native' else cfg['test_method'], cfg['test_l2'])
 
 
@@ -241,7 +243,8 @@ def _run_dir(cfg) -> Path:
 
 
 def _resume_source(cfg) -> Path:
-    "The run folder to resume: `load_path`'s, else `log_dir`/`run_name`, else the run in `log_dir` whose last checkpoint is newest."
+    "The run folder to resume."
+    # `load_path`'s, else `log_dir`/`run_name`, else the run in `log_dir` whose last checkpoint is newest
     if cfg['load_path']:
         p = Path(cfg['load_path']).expanduser().resolve()
         folder = p if p.is_dir() else p.parent
@@ -257,11 +260,11 @@ def _resume_source(cfg) -> Path:
 
 
 def _configure(given: dict):
-    "The run's configuration, checked, and the last checkpoint and folder of the run it resumes (None, None for a new run)."
+    "The run's checked configuration, and the checkpoint and folder it resumes."
     if not given.get('resume'):
         cfg = _options(given)
         _check(cfg)
-        return cfg, None, None
+        return cfg, None, None   # a new run resumes nothing
     folder = _resume_source(_options(given))
     resumed = read_checkpoint(folder, prefer='last')
     own_rng_state(resumed)   # on as many processes as the run had, before any work
@@ -272,7 +275,7 @@ def _configure(given: dict):
 
 
 def _learner(cfg, device):
-    "The DataLoaders and the learner of the configuration (MTL's, or a meta-learner's), progress bars as asked."
+    "The DataLoaders and the learner of the configuration, MTL's or a meta-learner's."
     algo = dict(algorithm=cfg['algorithm'], shots=cfg['train_shots'], **{k: cfg[k] for k in META_OPTIONS})
     make = mtl_learner if cfg['algorithm'] == 'mtl' else partial(meta_learner, **algo)
     learn = make(_dls(cfg, device), arch=cfg['model'], pretrained=cfg['pretrained'],
@@ -281,12 +284,12 @@ def _learner(cfg, device):
                  precision='fp16' if cfg['fp16'] else 'bf16' if cfg['bf16'] else 'fp32',
                  channels_last=cfg['channels_last'], size=cfg['size'] if cfg['pretrained'] else None)
     if cfg['freeze_epochs']: learn.add_cb(FrozenEpochs(cfg['freeze_epochs']))
-    return learn if cfg['progress'] else quiet(learn)
+    return learn if cfg['progress'] else quiet(learn)   # progress bars as asked
 
 
 def _loggers(cfg, run_dir, resumed) -> list:
-    "The run's log callbacks (CSV history, TensorBoard, wandb), its config.json written; none with `no_log` or on ranks but 0."
-    if cfg['no_log'] or not is_main(): return []
+    "The run's log callbacks (CSV history, TensorBoard, wandb); writes config.json."
+    if cfg['no_log'] or not is_main(): return []   # none with `no_log`, or on ranks but 0
     write_json(_json_config(cfg), run_dir / 'config.json')
     cbs = [RunCSVLogger(run_dir / 'history.csv', append=resumed is not None, keep=resumed['epoch'] if resumed else 0)]
     if (tb := tensorboard_cb(run_dir / 'tensorboard')) is not None: cbs.append(tb)
@@ -309,7 +312,8 @@ def _fit(learn, cfg, start: int, cbs):
 
 
 def _history(learn, resumed) -> pd.DataFrame:
-    "The history of every epoch: the learner's when it trained, else (nothing left to train) the checkpoint's."
+    "The history of every epoch: the learner's, else the checkpoint's."
+    # the checkpoint's when nothing was left to train
     if hasattr(learn.recorder, 'metric_names'): return learn.recorder.history()
     names = [n for n in (resumed or {}).get('metric_names', ['epoch'])[1:] if n != 'time']
     return pd.DataFrame((resumed or {}).get('history', []), columns=names).rename_axis('epoch')
@@ -326,7 +330,8 @@ def _write_results(res: TrainResult):
 def train(dataset: str | None = None,  # a benchmark name; None: glyphs, or a resumed run's
           **options                    # any of `OPTIONS`, by the original code's names
           ) -> TrainResult:            # the learner, its history and the test results
-    "Train a backbone by multi-task learning, then test its best checkpoint on 1- and 5-shot episodes (mean ± 95% CI)."
+    "Train a backbone, then test its best checkpoint."
+    # by multi-task learning, or by `algorithm`; the test: 1- and 5-shot episodes, mean ± 95% CI
     given = dict(options, **({'dataset': dataset} if dataset is not None else {}))
     if given.get('test_only'): raise ValueError("test_only: call evaluate_checkpoint(load_path, ...), or fsmtl test")
     cfg, resumed, folder = _configure(given)
@@ -341,7 +346,7 @@ def train(dataset: str | None = None,  # a benchmark name; None: glyphs, or a re
 
 
 def _train_in(cfg, resumed, run_dir) -> TrainResult:
-    "The run of `train`, in its locked folder: data and learner, loggers, fitting, then the final test and results."
+    "The run of `train` in its locked folder: data, learner, fit, test, results."
     device = _device(cfg['gpu'])
     if resumed is None: set_seed(cfg['seed'])
     if not is_main(): cfg = dict(cfg, progress=False)

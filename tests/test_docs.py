@@ -2,8 +2,8 @@
 import dataclasses
 import importlib
 import inspect
-
 import re
+import statistics
 
 import pytest
 from fastai.callback.core import _events
@@ -63,6 +63,39 @@ METHODS = [(n, m) for n in fsmtl.all.__all__ if inspect.isclass(c := getattr(fsm
            for k in c.__mro__ if k.__module__.startswith('fsmtl.')
            for m, f in vars(k).items() if not m.startswith('_') and m not in FRAMEWORK
            and inspect.isfunction(getattr(f, '__func__', f))]
+
+
+# fastai's house style: one short line; fastai's own docstrings have a median of about 60 characters
+DOC_MEDIAN, DOC_MAX = 70, 100
+
+
+def _doc_lengths():
+    "Characters of the docstring of each public name of `fsmtl.all` and of each of their public methods."
+    docs = {n: getattr(fsmtl.all, n).__doc__ for n in fsmtl.all.__all__}
+    docs.update({f'{c}.{m}': getattr(getattr(fsmtl.all, c), m).__doc__ for c, m in METHODS})
+    return {n: len((d or '').strip()) for n, d in docs.items()}
+
+
+def _long_docs(lengths,              # name -> characters of its docstring
+               median=DOC_MEDIAN,    # the most the median may be
+               most=DOC_MAX):        # the most any one may be
+    "What breaks the length limits in `lengths`: the median if over `median`, each name over `most`."
+    over = [f"{n} ({k})" for n, k in sorted(lengths.items(), key=lambda o: -o[1]) if k > most]
+    mid = statistics.median(lengths.values())
+    return ([f"median {mid} > {median}"] if mid > median else []) + over
+
+
+def test_docstrings_are_short():
+    lengths = _doc_lengths()
+    assert len(lengths) > 100
+    problems = _long_docs(lengths)
+    assert not problems, f"docstrings over fastai's lengths: {', '.join(problems)}"
+
+
+def test_length_check_catches_long_docstrings():
+    assert _long_docs({'a': 50, 'b': 60, 'c': 100}) == []
+    assert _long_docs({'a': 50, 'b': 60, 'c': 101}) == ['c (101)']
+    assert _long_docs({'a': 71, 'b': 71, 'c': 10}) == ['median 71 > 70']
 
 
 @pytest.mark.parametrize('cls,name', METHODS)

@@ -1,4 +1,4 @@
-"`get_benchmark`: the few-shot benchmarks by name, fetched, checked and split into base and novel classes."
+"`get_benchmark`: the few-shot benchmarks by name, fetched, checked and split."
 from __future__ import annotations
 import gzip
 import os
@@ -30,7 +30,7 @@ MINI_IMAGENET_FILES = {s: Resource(f'mini-imagenet-cache-{m}.pkl', [f'{_ZENODO}m
 TIERED_IMAGENET_FILES = {s: [Resource(f'{s}_{kind}.pkl', [f'{_ZENODO}tiered-imagenet-{s}_{kind}.pkl'])
                              for kind in ('images_png', 'labels')] for s in SPLITS}
 
-# Lee et al. 2019 (MetaOptNet), as the original MTL code normalised each benchmark
+# Lee et al. 2019 (MetaOptNet), as the original code normalised each benchmark
 _CIFAR_STATS = dict(mean=(0.5071, 0.4867, 0.4408), std=(0.2675, 0.2565, 0.2761))
 _MINI_STATS = dict(mean=MINI_IMAGENET_MEAN, std=MINI_IMAGENET_STD)
 _CIFAR_MEMBERS = ('train', 'test', 'meta')
@@ -41,7 +41,7 @@ def _redownload(path, url):
 
 
 def _load(path, fix):
-    "Unpickle `path` safely; any failure is reported as a bad file, with `fix` saying how to replace it."
+    "Unpickle `path` safely; a failure is a `DataError` whose `fix` says how to replace it."
     try: return safe_load_pickle(path)
     except MemoryError: raise
     except Exception as e: raise DataError(f"Cannot read {path}: {e}. {fix}") from e
@@ -51,7 +51,8 @@ def _text(s): return s.decode('latin1') if isinstance(s, bytes) else str(s)
 
 
 def _fields(obj, keys, path, fix):
-    "The values of `keys` in the unpickled dict `obj`, whose keys may be bytes when it was pickled by Python 2."
+    "The values of `keys` in the unpickled dict `obj`."
+    # its keys may be bytes, when Python 2 pickled it
     if isinstance(obj, dict):
         obj = {_text(k): v for k, v in obj.items()}
         missing = [k for k in keys if k not in obj]
@@ -61,12 +62,14 @@ def _fields(obj, keys, path, fix):
 
 
 def _place(folders, names):
-    "The one of `folders` holding the most of the files `names`, the first on a tie: where they are read or downloaded."
+    "The one of `folders` holding the most of the files `names`."
+    # the first on a tie: where they are read or downloaded
     return max(folders, key=lambda d: sum((d / n).exists() for n in names))
 
 
 def _fetch(resources, places, download):
-    "Paths of `resources`, all from the one of `places` (folder: whose layout) that holds the most of them."
+    "Paths of `resources`, all from the one of `places` that holds the most."
+    # `places`: folder -> whose layout it is
     folder = _place(list(places), [r.name for r in resources])
     try: return fetch(resources, folder, download)
     except DataUnavailable as e:
@@ -76,7 +79,8 @@ def _fetch(resources, places, download):
 
 
 def _extract_cifar(archive, dest):
-    "Extract the three pickles of the CIFAR-100 `archive` into `dest`; through a temporary folder, so never half-extracted."
+    "Extract the three pickles of the CIFAR-100 `archive` into `dest`."
+    # through a temporary folder, so never half-extracted
     fix = _redownload(archive, CIFAR100.urls[0])
     tmp = Path(tempfile.mkdtemp(prefix='.extract-', dir=archive.parent))
     try:
@@ -91,7 +95,7 @@ def _extract_cifar(archive, dest):
 
 
 def _cifar100(root, download):
-    "CIFAR-100's train and test images pooled (600 a class), as uint8 (N, 32, 32, 3), with fine labels and names."
+    "CIFAR-100's train and test images pooled (600 per class), fine labels and names."
     places = {root / 'cifar100': "fsmtl's", root: "torchvision's CIFAR100(root): the archive or its cifar-100-python folder"}
     # the archive, or the folder it extracts to, from either place; an archive is extracted beside itself
     found = [d / 'cifar-100-python' for d in places if all((d / 'cifar-100-python' / m).exists() for m in _CIFAR_MEMBERS)]
@@ -113,7 +117,7 @@ def _cifar100(root, download):
     (names,) = _fields(_load(extracted / 'meta', fix), ['fine_label_names'], extracted / 'meta', fix)
     # rows are channel-planar (1024 red, 1024 green, 1024 blue); torchvision turns them to HWC the same way
     images = np.concatenate(data).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return images, np.concatenate(labels), [_text(n) for n in names]
+    return images, np.concatenate(labels), [_text(n) for n in names]   # images: uint8 (N, 32, 32, 3)
 
 
 def _select(images, labels, names, classes):
@@ -133,7 +137,7 @@ def _cifarfs(root, download):
 
 
 def _fc100(root, download):
-    "FC100 (Oreshkin et al. 2018): CIFAR-100 split by superclass, 12/4/4 superclasses = 60/20/20 classes, 32x32."
+    "FC100 (Oreshkin et al. 2018): 12/4/4 CIFAR-100 superclasses (60/20/20 classes), 32x32."
     pooled = _cifar100(root, download)
     splits = [_select(*pooled, [c for fine in FC100[s].values() for c in fine]) for s in SPLITS]
     return FewShotSplits('fc100', *splits, **_CIFAR_STATS,
@@ -144,7 +148,7 @@ def _few(names): return ', '.join(sorted(names)[:5]) + (' ...' if len(names) > 5
 
 
 def _mini_split(path, res, wnids):
-    "One split from learn2learn's mini-ImageNet pickle at `path`, with classes ordered as `wnids`."
+    "One split from learn2learn's mini-ImageNet pickle `path`, classes ordered as `wnids`."
     fix = _redownload(path, res.urls[0])
     data, class_dict = _fields(_load(path, fix), ['image_data', 'class_dict'], path, fix)
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 4 and data.shape[-1] == 3
@@ -169,7 +173,8 @@ def _mini_split(path, res, wnids):
 
 
 def _mini_imagenet(root, download):
-    "mini-ImageNet (Ravi & Larochelle 2017): 64/16/20 ImageNet classes, 600 84x84 images each, from learn2learn's pickles."
+    "mini-ImageNet (Ravi & Larochelle 2017): 64/16/20 classes, 600 84x84 images per class."
+    # ImageNet classes, from learn2learn's pickles
     places = {root / 'mini-imagenet': "fsmtl's", root: "learn2learn's MiniImagenet(root)"}
     paths = _fetch([MINI_IMAGENET_FILES[s] for s in SPLITS], places, download)
     splits = [_mini_split(p, MINI_IMAGENET_FILES[s], MINI_IMAGENET[s]) for p, s in zip(paths, SPLITS)]
@@ -177,7 +182,8 @@ def _mini_imagenet(root, download):
 
 
 def _tiered_labels(path, split, url):
-    "Labels and class names of one tiered-ImageNet split, checked against the published class count."
+    "Labels and class names of one tiered-ImageNet split, checked."
+    # against the published class count, and for labels that are class indices
     fix = _redownload(path, url)
     labels, names = _fields(_load(path, fix), ['label_specific', 'label_specific_str'], path, fix)
     labels, names, n = np.asarray(labels, dtype=np.int64), [_text(c) for c in names], TIERED_IMAGENET_CLASSES[split]
@@ -189,7 +195,8 @@ def _tiered_labels(path, split, url):
 
 
 def _tiered_imagenet(root, download):
-    "tiered-ImageNet (Ren et al. 2018): 351/97/160 ImageNet classes in 34 categories, 84x84 PNGs decoded when loaded."
+    "tiered-ImageNet (Ren et al. 2018): 351/97/160 classes in 34 categories, 84x84."
+    # ImageNet classes, as PNGs decoded when loaded
     places = {root / 'tiered-imagenet': "fsmtl's and learn2learn's TieredImagenet(root)"}
     paths = _fetch([r for s in SPLITS for r in TIERED_IMAGENET_FILES[s]], places, download)
     images_paths, labels_paths = paths[0::2], paths[1::2]
@@ -227,7 +234,8 @@ def folder_benchmark(
     seed=0,                   # seed of the draw of classes into splits
     size=84,                  # side the images are resized to when loaded; None keeps their own size
 ) -> FewShotSplits:
-    "Few-shot splits from folders of images, one per class: `path/<class>/<image>` or `path/{train,val,test}/<class>/<image>`."
+    "Few-shot splits from folders of images, one folder per class."
+    # `path/<class>/<image>`, or `path/{train,val,test}/<class>/<image>` with the splits given
     path = Path(path).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"No folder {path}: give a folder with one folder of images per class, "
@@ -273,7 +281,7 @@ def get_benchmark(
     download=True,   # download missing files; False raises an error that names them and where to put them
     **kwargs,        # passed to the benchmark: `ratios`, `seed`, `size` for 'folder', the options of `glyphs`
 ) -> FewShotSplits:  # the train, val and test splits
-    "The base (train) and novel (val, test) classes of benchmark `name`, downloaded into `root` when missing."
+    "The splits of benchmark `name`, downloaded if missing."
     builder = {_key(k): v for k, v in BENCHMARKS.items()}.get(_key(name))
     if builder is None: raise ValueError(f"Unknown benchmark {name!r}: use one of {', '.join(BENCHMARKS)}")
     return builder(Path(root).expanduser(), download, **kwargs)

@@ -1,4 +1,4 @@
-"`mtl_dls`: the fastai DataBlock and DataLoaders of a benchmark, for multi-task training and episodic evaluation."
+"`mtl_dls`: the fastai DataBlock and DataLoaders of a benchmark."
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,7 +20,8 @@ FINAL_SHOTS = (1, 5)   # the shot counts of the final test, scored on the same t
 
 
 class _Pool:
-    "The items of all three splits under one global index, as the DataBlock sees them; class ids run train, val, test."
+    "The items of all three splits under one global index, as the DataBlock sees them."
+    # class ids run train, val, test
     def __init__(self, splits: FewShotSplits):
         self.splits = splits
         self.starts = np.cumsum([0] + [len(splits[s]) for s in SPLITS])
@@ -45,7 +46,8 @@ class _Pool:
 
 def mtl_block(splits: FewShotSplits,   # the benchmark
               augment: bool = True):   # Lee19 augmentation on training batches
-    "A DataBlock over the images of all three splits: an image and its class name per item, with Lee19 batch transforms."
+    "A DataBlock of all three splits' images and class names."
+    # with Lee19's batch transforms
     pool = _Pool(splits)
     tfms = lee19_tfms(splits.train.image_size(), splits.mean, splits.std, augment=augment, input_size=splits.input_size,
                       interpolation=splits.interpolation)  # its IntToFloatTensor merges with ImageBlock's

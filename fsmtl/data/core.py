@@ -1,4 +1,4 @@
-"Few-shot splits: per split, the items (uint8 arrays, encoded images or file paths), integer labels and class names."
+"Few-shot splits: per split, the images, their integer labels and the class names."
 from __future__ import annotations
 import io
 from dataclasses import dataclass, field
@@ -13,7 +13,7 @@ SPLITS = ('train', 'val', 'test')
 
 
 def _decode(item, size):
-    "One image as uint8 HxWx3, from PNG/JPEG bytes or a file path, resized to `size` when given."
+    "One image as uint8 HxWx3 from PNG/JPEG bytes or a path, resized to `size` if given."
     try:
         im = Image.open(io.BytesIO(item) if isinstance(item, (bytes, np.ndarray)) else item)
         im = im.convert('RGB')
@@ -25,9 +25,9 @@ def _decode(item, size):
 
 @dataclass
 class Split:
-    "The images of one split: `items` (uint8 N x H x W x 3 array, or a list of encoded images or paths), `labels` in 0..C-1, `classes` names."
+    "The images, labels and class names of one split."
     items: object                  # uint8 array (N, H, W, 3), or a list of PNG/JPEG bytes, or a list of file paths
-    labels: np.ndarray             # int64 (N,), index into `classes`
+    labels: np.ndarray             # int64 (N,) in 0..C-1, index into `classes`
     classes: list                  # class names, one per label value
     size: int | None = None        # side of the square images `load` returns; None keeps the stored size
 
@@ -74,7 +74,7 @@ class Split:
 
 @dataclass
 class FewShotSplits:
-    "Base (train) and novel (val, test) classes of a benchmark; class names of the three splits are disjoint."
+    "Base (train) and novel (val, test) classes of a benchmark."
     name: str                                  # benchmark name
     train: Split                               # base classes
     val: Split                                 # novel classes for validation
@@ -82,10 +82,11 @@ class FewShotSplits:
     mean: tuple = (0.5, 0.5, 0.5)              # per-channel mean of images in 0..1, for normalisation
     std: tuple = (0.25, 0.25, 0.25)            # per-channel std of images in 0..1
     meta: dict = field(default_factory=dict)   # anything else worth keeping (source, superclasses, scripts)
-    input_size: int | None = None              # side the model takes, resized a batch at a time on the device; None: as loaded
+    input_size: int | None = None              # side the model takes, resized per batch on the device; None: as loaded
     interpolation: str = 'bilinear'            # the filter of that resize
 
     def __post_init__(self):
+        # the class names of the three splits are disjoint
         seen = {}
         for s in SPLITS:
             for c in self[s].classes:
@@ -99,7 +100,7 @@ class FewShotSplits:
 
     @property
     def size(self):
-        "Side of the images the model sees: `input_size` when set, else that of the loaded images."
+        "Side the model sees: `input_size` if set, else the loaded images'."
         return self.input_size or self.train.image_size()
 
     def __repr__(self):

@@ -1,4 +1,4 @@
-"Downloads that survive interruptions and bad mirrors, and unpickling that admits only numpy arrays."
+"Downloads that resume and try each mirror, and unpickling of numpy arrays only."
 from __future__ import annotations
 import hashlib
 import http.client
@@ -17,7 +17,7 @@ _CHUNK = 1 << 20
 
 
 class Resource(NamedTuple):
-    "A data file: its `name` in the data folder, the `urls` of its mirrors (tried in order), its published `md5` if any."
+    "A data file: its name, its mirrors and its published md5."
     name: str               # file name inside the data folder
     urls: list              # mirrors, tried in order
     md5: str | None = None  # hex md5 of the whole file; None where none is published
@@ -42,7 +42,8 @@ def md5sum(
 
 
 def _is_html(content_type, head):
-    "Whether a response is a web page: file-sharing sites answer with one for confirmations, logins and dead links."
+    "Whether a response is a web page rather than the file."
+    # file-sharing sites answer with one for confirmations, logins and dead links
     start = head[:512].lstrip().lower()
     return content_type == 'text/html' or start.startswith((b'<!doctype html', b'<html'))
 
@@ -59,7 +60,7 @@ def download_url(
     progress=True,  # show a fastprogress bar
     timeout=30,     # seconds to wait for the server before giving up
 ) -> Path:
-    "Download `url` to `dest` through `dest.part`, resuming a partial download; the rename happens only once `md5` matched."
+    "Download `url` to `dest`, resuming a partial file; checks `md5`."
     dest = Path(dest)
     part = dest.with_name(dest.name + '.part')
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -103,7 +104,7 @@ def download_url(
     if md5 is not None and (got := md5sum(part)) != md5:
         part.unlink()
         raise DataError(_md5_message(dest, md5, got, url))
-    os.replace(part, dest)
+    os.replace(part, dest)  # only now, once `md5` matched, is the file at `dest`
     return dest
 
 
@@ -113,7 +114,7 @@ def fetch(
     download=True,  # download missing files; False only reports them
     progress=True,  # show a progress bar per download
 ) -> list:
-    "Paths in `folder` of `resources`, downloading the missing ones; one error names every file that could not be got."
+    "Paths in `folder` of `resources`, downloading the missing ones."
     folder = Path(folder).expanduser()
     resources = [Resource(*r) for r in resources]
     failed = []  # (resource, why) pairs
@@ -134,7 +135,7 @@ def fetch(
                 break
             except (OSError, http.client.HTTPException, DataError) as e: reasons.append(f'{url}: {e}')
         else: failed.append((r, reasons))
-    if failed:
+    if failed:  # one error names every file that could not be got
         lines = [f"Missing data file(s) in {folder}:"]
         for r, reasons in failed:
             lines.append(f"  {r.name}  (from {' or '.join(r.urls)})")
@@ -156,7 +157,7 @@ _NUMPY_GLOBALS = {
 
 
 class _NumpyUnpickler(pickle.Unpickler):
-    "An unpickler that rebuilds numpy arrays and plain containers, and refuses every other global."
+    "An unpickler of numpy arrays and plain containers; it refuses every other global."
     def find_class(self, module, name):
         if (module, name) in _NUMPY_GLOBALS: return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to unpickle the global {module}.{name}: "
@@ -167,7 +168,8 @@ def safe_load_pickle(
     path_or_file,       # a path, or a file opened in binary mode
     encoding='latin1',  # how Python 2 str become str; 'latin1' keeps the bytes of numpy arrays intact
 ):
-    "Unpickle `path_or_file`, admitting only numpy arrays, numpy scalars and plain containers: a bad file cannot run code."
+    "Unpickle `path_or_file`: only numpy data and plain containers."
+    # numpy arrays and scalars, lists, dicts ...: a bad file cannot run code
     if isinstance(path_or_file, (str, os.PathLike)):
         with open(path_or_file, 'rb') as f: return _NumpyUnpickler(f, encoding=encoding).load()
     return _NumpyUnpickler(path_or_file, encoding=encoding).load()

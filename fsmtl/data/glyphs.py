@@ -1,4 +1,4 @@
-"The embedded benchmark: letters of several scripts rendered from the fonts that ship with matplotlib, split by script."
+"The embedded benchmark: letters drawn in matplotlib's fonts, split by script."
 from __future__ import annotations
 import json, unicodedata
 from pathlib import Path
@@ -32,12 +32,12 @@ def _fonts():
 
 
 def _draw(font, ch, px, angle=0.):
-    "Grey ink (0 background) of `ch` at `px` pixels per em, rotated by `angle` degrees, cropped to the ink; None when blank."
+    "Grey ink of `ch` at `px` pixels per em, rotated by `angle` degrees; None if blank."
     font.set_size(px, 72)
     font.set_text(ch, angle, flags=LoadFlags.NO_HINTING)
     font.draw_glyphs_to_bitmap()
     im = font.get_image()
-    rows, cols = np.flatnonzero(im.any(1)), np.flatnonzero(im.any(0))
+    rows, cols = np.flatnonzero(im.any(1)), np.flatnonzero(im.any(0))  # cropped to the ink; 0 is the background
     return im[rows[0]:rows[-1]+1, cols[0]:cols[-1]+1] if len(rows) else None
 
 
@@ -57,14 +57,16 @@ def _script(ch):
 
 
 def _candidate(ch):
-    "Whether `ch` is a letter of a chosen script, and not an accented, stroked or compatibility variant of another."
+    "Whether `ch` is a letter of a chosen script and no variant of another."
+    # variants: accented, stroked or compatibility forms.
     # NFKD also catches ligatures, super/subscripts and math letters; ' WITH ' catches strokes, hooks and bars.
     return (unicodedata.category(ch) in ('Lu', 'Ll', 'Lo') and _script(ch) is not None
             and unicodedata.normalize('NFKD', ch) == ch and ' WITH ' not in unicodedata.name(ch))
 
 
 def _shape(font, ch):
-    "Ink mask of `ch` centred in a 32 pixel square: its shape, with size and place taken out as `_distort` does."
+    "Ink mask of `ch` centred in a 32 pixel square: its shape alone."
+    # size and place are taken out, as `_distort` puts them in
     ink = _draw(font, ch, 64)
     h, w = ink.shape
     sq = np.zeros((max(h, w),)*2, np.uint8)
@@ -73,7 +75,8 @@ def _shape(font, ch):
 
 
 def _letters(fonts):
-    "Letters to draw, train scripts first, each with the fonts that have it; look-alikes of earlier letters left out."
+    "Letters to draw, train scripts first, each with the fonts that have it."
+    # look-alikes of earlier letters are left out
     order = [s for ss in SCRIPTS.values() for s in ss]
     cands = sorted({chr(c) for f in fonts.values() for c in f.get_charmap() if _candidate(chr(c))},
                    key=lambda ch: (order.index(_script(ch)), ch))
@@ -92,7 +95,8 @@ def _letters(fonts):
 
 
 def _distort(ink, rng, size):
-    "`ink` pasted dark on light into a `size` square at a random stroke width, scale, aspect and shift."
+    "`ink` pasted dark on light into a `size` square, randomly distorted."
+    # a random stroke width, scale, aspect and shift
     im = Image.fromarray(ink)
     stroke = rng.integers(-1, 2)  # thinner, as drawn or bolder, by a fraction of a pixel at the final size
     if stroke: im = im.filter(ImageFilter.MaxFilter(3) if stroke > 0 else ImageFilter.MinFilter(3))
@@ -106,7 +110,8 @@ def _distort(ink, rng, size):
 
 
 def _render(seed, n_images, size, progress):
-    "Arrays to cache: grey images, labels and class names per split, mean and std, and meta as JSON."
+    "Arrays to cache: per split, grey images, labels and class names; stats; meta."
+    # the stats: mean and std; the meta as JSON
     fonts = _fonts()
     letters = _letters(fonts)
     rng = np.random.default_rng(seed)
@@ -144,10 +149,10 @@ def glyphs(root='~/data',      # folder that holds the `glyphs/` cache
            size=32,            # side of the square images
            progress=True,      # show a progress bar while rendering
           ) -> FewShotSplits:
-    "Letters drawn in matplotlib's fonts with random distortions, split by script; rendered once, then cached."
+    "Letters drawn in matplotlib's fonts with random distortions, split by script."
     if n_images < 1 or size < 8: raise ValueError(f"need n_images >= 1 and size >= 8, got {n_images} and {size}")
     path = Path(root).expanduser()/'glyphs'/f'glyphs_v{VERSION}_seed{seed}_n{n_images}_s{size}.npz'
-    if not path.exists():
+    if not path.exists():  # rendered once, then cached
         path.parent.mkdir(parents=True, exist_ok=True)
         res = _render(seed, n_images, size, progress)
         write_atomic(path, lambda f: np.savez_compressed(f, **res))

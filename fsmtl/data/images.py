@@ -1,4 +1,4 @@
-"Image files of a folder, each once and never through a link to a folder; and a check that each one decodes."
+"Image files of a folder, each once, and a check that each one decodes."
 from __future__ import annotations
 import os
 
@@ -10,7 +10,8 @@ __all__ = ['image_files', 'class_images', 'unreadable_images', 'check_images']
 
 
 def _identity(path):
-    "What makes two paths the same file (a link and its target, two hard links); a dangling link is only itself."
+    "What makes two paths the same file; a dangling link is only itself."
+    # a link and its target, or two hard links, share the device and the inode
     try: st = os.stat(path)
     except OSError: return path
     return st.st_dev, st.st_ino
@@ -20,7 +21,8 @@ def image_files(
     folder,        # a folder of images
     recurse=True,  # also the images in its sub-folders
 ) -> list:
-    "Image files under `folder`, sorted, each once; hidden files skipped, links to folders not followed."
+    "Image files under `folder`, sorted, each once."
+    # hidden files are skipped, links to folders not followed
     # fastai's `get_image_files` walks links to folders, so a link to a parent folder is walked round ~40 times
     files = sorted(get_files(folder, extensions=image_extensions, recurse=recurse, followlinks=False))
     once = {}
@@ -29,7 +31,8 @@ def image_files(
 
 
 def _shared(files):
-    "Pairs of paths in different classes of `files` (per class, paths) that are one file: a link and its target."
+    "Pairs of paths in different classes of `files` that are one file."
+    # `files`: per class, its paths; a pair is a link and its target
     owner, pairs = {}, []
     for c, class_files in enumerate(files):
         for f in class_files:
@@ -41,7 +44,8 @@ def _shared(files):
 def class_images(
     dirs,  # class folders
 ) -> list:
-    "The `image_files` of each class folder in `dirs`; refuses empty classes and images in two classes."
+    "The `image_files` of each class folder in `dirs`."
+    # refuses empty classes and images in two classes
     files = [image_files(d) for d in dirs]
     if empty := [str(d) for d, f in zip(dirs, files) if not f]:
         raise ValueError(f"These class folders hold no images (judged by file extension; links to folders are not "
@@ -53,7 +57,7 @@ def class_images(
 
 
 def _decode_error(path, size):
-    "Why the image at `path` cannot be decoded as training decodes it, or None when it can."
+    "Why `path` does not decode as training decodes it; None if it does."
     try:
         with Image.open(path) as im:
             # a JPEG is decoded at the smallest scale that still covers `size`: every byte is still read, less is computed
@@ -68,7 +72,8 @@ def unreadable_images(
     size=None,    # side the images will be resized to; lets a JPEG be decoded at a smaller scale
     n_workers=4,  # threads that decode at once (PIL releases the GIL while decoding)
 ) -> list:
-    "(path, reason) of each of `files` that does not decode, every byte read, not just the header."
+    "(path, reason) of each of `files` that fails a full decode."
+    # every byte is read, not just the header
     files = list(files)
     errors = parallel(_decode_error, files, size=size, n_workers=min(n_workers, len(files)), threadpool=True, progress=False)
     return [(f, e) for f, e in zip(files, errors) if e is not None]
@@ -78,7 +83,7 @@ def check_images(
     files,      # image file paths
     size=None,  # side the images will be resized to
 ):
-    "Decode all of `files`; a `ValueError` names each bad one, with its reason and the fix."
+    "Decode all of `files`; a `ValueError` names each bad one and why."
     bad = [f"{f} ({why})" for f, why in unreadable_images(files, size)]
     if not bad: return
     more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ''

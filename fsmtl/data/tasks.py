@@ -1,4 +1,4 @@
-"Multi-task training batches (`TaskDL`) and fixed, seeded evaluation episodes (`EpisodeDL`), sampled with learn2learn."
+"Training tasks (`TaskDL`) and fixed episodes (`EpisodeDL`), drawn by learn2learn."
 from __future__ import annotations
 import random
 from contextlib import contextmanager
@@ -19,7 +19,8 @@ __all__ = ['TaskDL', 'EpisodeDL', 'check_task_size', 'shot_counts', 'local_label
 
 @contextmanager
 def seeded_random(seed):  # the seed of Python's `random` inside the block; None: leave it as it is
-    "Seed Python's `random` (what learn2learn samples with) inside the block, and restore its state after."
+    "Seed Python's `random` inside the block; restore it after."
+    # learn2learn samples with Python's `random`
     state = random.getstate()
     if seed is not None: random.seed(seed)
     try: yield
@@ -28,10 +29,10 @@ def seeded_random(seed):  # the seed of Python's `random` inside the block; None
 
 def check_task_size(split: Split,      # the classes to draw from
                     ways: int,         # classes in a task
-                    per_class: int,    # images of each class in a task
+                    per_class: int,    # images per class in a task
                     what: str,         # the split's name in the message: 'train', 'val', 'test'
                     name: str = ''):   # the benchmark's name in the message
-    "Fail early, with the fix, when `split` cannot give `ways` classes of `per_class` images each."
+    "Fail early, with the fix, if `split` is too small for the tasks."
     where = f"the {what} split{f' of {name}' if name else ''}"
     if ways < 2: raise ValueError(f"ways must be at least 2, got {ways}")
     if ways > split.n_classes:
@@ -54,8 +55,9 @@ def shot_counts(shots  # a shot count, or several like (1, 5)
 
 def local_labels(y,                  # global class ids of a batch of tasks, task-major and class-major
                  ways: int,          # classes in a task
-                 per_class: int):    # images of each class in a task
-    "Labels 0..ways-1 within each task, by the order of the task's classes; a new tensor, `y` is left as it is."
+                 per_class: int):    # images per class in a task
+    "Labels 0..ways-1 within each task, in the order of its classes."
+    # a new tensor: `y` is left as it is
     y = y.view(-1, ways * per_class)
     classes = y.view(-1, ways, per_class)[:, :, 0]
     # comparing against all of a task's classes at once cannot merge two classes, as relabelling in place can
@@ -63,14 +65,15 @@ def local_labels(y,                  # global class ids of a batch of tasks, tas
 
 
 class _Labels(torch.utils.data.Dataset):
-    "The labels of a split as the torch Dataset learn2learn's `MetaDataset` wants; tasks are drawn from the labels alone."
+    "The labels of a split as the torch Dataset learn2learn's `MetaDataset` wants."
+    # tasks are drawn from the labels alone
     def __init__(self, labels): self.labels = labels
     def __len__(self): return len(self.labels)
     def __getitem__(self, i): return i, int(self.labels[i])
 
 
 def _sampler(split: Split, ways: int, per_class: int):
-    "A learn2learn `Taskset` over `split` that draws `ways` classes x `per_class` images, class-major."
+    "A learn2learn `Taskset` drawing `ways` classes x `per_class` images, class-major."
     by_class = {c: np.flatnonzero(split.labels == c).tolist() for c in range(split.n_classes)}
     meta = l2l.data.MetaDataset(_Labels(split.labels), labels_to_indices=by_class)
     return l2l.data.Taskset(meta, task_transforms=[l2l.data.transforms.FusedNWaysKShots(meta, n=ways, k=per_class)])
@@ -120,11 +123,11 @@ class _SplitDL(TfmdDL):
 
 @delegates(TfmdDL, but=['shuffle', 'drop_last'])
 class TaskDL(_SplitDL):
-    "Multi-task training batches: `bs` fresh tasks of `ways` classes x `per_class` images, task-major and class-major."
+    "Training batches of `bs` fresh tasks, task-major and class-major."
     def __init__(self, dataset=None,   # fastai's dataset argument; items come from `split`
                  split: Split = None,    # the base classes
                  ways: int = 5,          # classes in a task
-                 per_class: int = 10,    # images of each class in a task: shots + queries
+                 per_class: int = 10,    # images per class in a task: shots + queries
                  n: int = 1600,          # tasks in an epoch
                  bs: int = 6,            # tasks in a batch (meta_batch_size)
                  **kwargs):              # passed to fastai's `TfmdDL` (device, after_batch ...)

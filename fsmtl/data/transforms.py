@@ -1,4 +1,4 @@
-"Lee19 augmentation (random crop with padding, colour jitter, horizontal flip) as fastai batch transforms that run on the batch's device."
+"Lee19 augmentation as fastai batch transforms, run on the batch's device."
 from __future__ import annotations
 
 import torch
@@ -14,17 +14,19 @@ BRIGHTNESS, CONTRAST, SATURATION = 0, 1, 2  # torchvision's ColorJitter operatio
 
 def lee19_padding(size: int  # side of the square images
                   ) -> int:
-    "Zero padding of Lee19's random crop: 4 for CIFAR-sized images (32), 8 for ImageNet-sized ones (84)."
+    "Lee19's zero padding of the crop: 4 for sides up to 48 px (CIFAR), else 8."
+    # CIFAR's images are 32 px, ImageNet's 84
     return 4 if size <= 48 else 8
 
 
 def rgb_to_gray(x):  # float images (B, 3, H, W)
-    "Luma of a float batch (B, 3, H, W) with torchvision's weights, shape (B, 1, H, W)."
+    "Luma (B, 1, H, W) of float images, with torchvision's weights."
     return (0.2989 * x[:, 0]).add_(x[:, 1], alpha=0.587).add_(x[:, 2], alpha=0.114).unsqueeze(1)
 
 
 class BatchCropFlip(Transform):
-    "torchvision's RandomCrop(size, padding=pad) and RandomHorizontalFlip, drawn per image, done for the batch in one gather."
+    "Lee19's random crop and horizontal flip, drawn per image."
+    # torchvision's RandomCrop(size, padding=pad) and RandomHorizontalFlip, done for the whole batch in one gather
     # before IntToFloatTensor (10): moving uint8 pixels is a quarter of the memory traffic of floats; training only
     order, split_idx = 5, 0
 
@@ -37,7 +39,7 @@ class BatchCropFlip(Transform):
     def draw(self,
              n: int,        # images in the batch
              device=None):  # where the draws are made (the batch's device)
-        "Crop offsets into the padded image (rows, columns, each 0..2*pad) and flips for `n` images."
+        "Crop offsets (rows, columns in 0..2*pad) and flips for `n` images."
         top, left = torch.randint(0, 2 * self.pad + 1, (2, n), device=device)
         return top, left, torch.rand(n, device=device) < self.flip_p
 
@@ -46,8 +48,8 @@ class BatchCropFlip(Transform):
               top,    # row offset of each crop, 0..2*pad
               left,   # column offset of each crop, 0..2*pad
               flip):  # which images to mirror, bool (B,)
-        "Pad batch `x` (B, C, H, W) with zeros, cut an HxW window at (`top`, `left`) of each image, mirror those in `flip`."
-        b, c, h, w = x.shape
+        "Zero-pad `x`, crop at (`top`, `left`), mirror the images in `flip`."
+        b, c, h, w = x.shape   # each crop is an HxW window of the padded image
         wp = w + 2 * self.pad
         cols = torch.arange(w, device=x.device).view(1, 1, w)
         cols = torch.where(flip.view(b, 1, 1), cols.flip(-1), cols) + left.view(b, 1, 1)
@@ -59,7 +61,9 @@ class BatchCropFlip(Transform):
 
 
 class BatchColorJitter(Transform):
-    "torchvision's ColorJitter(brightness, contrast, saturation) on a float batch in 0..1: factors and order drawn per image."
+    "Lee19's colour jitter, drawn per image."
+    # torchvision's ColorJitter(brightness, contrast, saturation) on a float batch in 0..1; the factors and the
+    # order of the operations are drawn per image
     order, split_idx = 15, 0  # after IntToFloatTensor (10), before Normalize (99); training only
 
     def __init__(self, jitter: float = 0.4):  # factors are drawn uniformly from [1-jitter, 1+jitter]
@@ -69,7 +73,7 @@ class BatchColorJitter(Transform):
     def draw(self,
              n: int,        # images in the batch
              device=None):  # where the draws are made (the batch's device)
-        "Brightness, contrast and saturation factors (n, 3), and each image's order of the three operations (n, 3)."
+        "Per image, the three factors and their order, each (n, 3)."
         factors = torch.empty(n, 3, device=device).uniform_(1 - self.jitter, 1 + self.jitter)
         return factors, torch.rand(n, 3, device=device).argsort(dim=1)
 
@@ -77,8 +81,8 @@ class BatchColorJitter(Transform):
     def apply(x,        # float images (B, 3, H, W) in 0..1, changed in place
               factors,  # brightness, contrast and saturation factors (B, 3)
               order):   # each image's order of the three operations (B, 3)
-        "Blend each image of `x`, in place, with black, its mean grey or its grey image, in its own order, clamping after each step."
-        for step in range(3):
+        "Jitter each image of `x` in place, in its own order of operations."
+        for step in range(3):   # clamping to 0..1 after each step
             op = order[:, step].view(-1, 1, 1, 1)
             f = factors.gather(1, order[:, step:step + 1]).view(-1, 1, 1, 1)
             gray = rgb_to_gray(x)
@@ -98,7 +102,8 @@ class BatchColorJitter(Transform):
 
 
 class BatchResize(Transform):
-    "Resize a float batch in 0..1 to `size` x `size` on its device, as a model's pretrained input needs: one call a batch."
+    "Resize a float batch to `size` x `size` on its device."
+    # in 0..1, one call per batch, as a model's pretrained input needs
     order = 11   # after IntToFloatTensor (10) and the crop at the stored size, so that the crop's padding scales with it
 
     def __init__(self,
@@ -119,7 +124,8 @@ class BatchResize(Transform):
 
 
 class NormalizeInPlace(Normalize):
-    "fastai's `Normalize`, in place on the float batch the pipeline has just made: it spares two batch-sized tensors."
+    "fastai's `Normalize`, in place on the pipeline's fresh batch."
+    # it spares two batch-sized tensors
     def encodes(self, x: TensorImage): return x.sub_(self.mean).div_(self.std)
 
 
@@ -129,7 +135,8 @@ def lee19_tfms(size: int,              # side of the square images, as stored (o
                augment: bool = True,   # add the training augmentation
                input_size: int | None = None,    # resize each batch on its device to this side; None: keep `size`
                interpolation: str = 'bilinear'):  # the resize's filter
-    "The batch transforms of a benchmark: crop and flip, to float, resize, colour jitter, normalisation (augmentation in training only)."
+    "A benchmark's batch transforms; augmentation in training only."
+    # in order: crop and flip, to float, resize, colour jitter, normalisation
     aug = [BatchCropFlip(pad=lee19_padding(size)), BatchColorJitter()] if augment else []
     resize = [BatchResize(input_size, interpolation)] if input_size is not None and input_size != size else []
     # colour jitter commutes with the flip, so flipping with the crop leaves Lee19's crop-jitter-flip result unchanged

@@ -1,4 +1,4 @@
-"`create_backbone`: any timm architecture by name, without classifier, with weights from the hub or a local file."
+"`create_backbone`: any timm architecture by name, without its classifier."
 from __future__ import annotations
 import difflib
 from pathlib import Path
@@ -12,7 +12,7 @@ __all__ = ['create_backbone', 'check_arch']
 
 
 def check_arch(arch: str):  # timm name of an architecture, optionally with a weights tag ('resnet18.a1_in1k')
-    "Raise a `ValueError` naming the close matches when timm knows no architecture `arch`."
+    "Raise a `ValueError` naming close matches if timm knows no `arch`."
     # 'hf-hub:' and 'local-dir:' names are resolved by timm itself
     if ':' in arch or timm.is_model(arch): return
     close = difflib.get_close_matches(arch, timm.list_models(), n=8)
@@ -25,7 +25,7 @@ def create_backbone(arch: str = 'resnet12',               # timm name of the arc
                     pretrained: bool | str | Path = False,  # True: timm's weights from the hub; a path: a local weights file
                     **kwargs                                # passed to `timm.create_model`, and kept to rebuild the backbone
                     ) -> tuple[nn.Module, int]:             # the backbone and its number of features
-    "A timm backbone that gives pooled features (no classifier), and the number of its features."
+    "A timm backbone without classifier, and its feature count."
     check_arch(arch)
     if isinstance(pretrained, (str, Path)):
         path = Path(pretrained).expanduser()

@@ -1,4 +1,4 @@
-"ResNet-12 of the few-shot papers (RFS, MetaOptNet), with timm's DropBlock on a ramp; registered with timm as 'resnet12'."
+"ResNet-12 of the few-shot papers (RFS, MetaOptNet), registered with timm as 'resnet12'."
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -19,7 +19,7 @@ def dropblock_gamma_scale(height: int,  # of the feature map
                           width: int,   # of the feature map
                           block: int    # DropBlock's block size
                           ) -> float:   # the scale of timm's seed rate
-    "The `gamma_scale` that makes timm's `DropBlock2d` drop about `drop_prob` of a map, as RFS's DropBlock does."
+    "The `gamma_scale` with which timm drops blocks as RFS does."
     # timm seeds blocks anywhere on the map, clipped at its edges, at RFS's rate, which counts only the seeds whose
     # whole block fits: on a 5x5 map with blocks of 5 it would drop ~76% of the activations instead of 10%.
     # Scaled, seeds times the pixels each covers is `drop_prob` of the map again. Loops, not sums of generators,
@@ -43,7 +43,7 @@ def ramp_rate(rate: float,    # the final rate
 
 
 class Dropout(nn.Dropout):
-    "`nn.Dropout` that takes, and ignores, the pass counter that the DropBlocks of a `Stage` need."
+    "`nn.Dropout` that takes, and ignores, a `Stage`'s pass counter."
     def forward(self, x: Tensor, count: Optional[Tensor] = None) -> Tensor:  # feature map; passes so far (unused)
         "`x` with activations zeroed at rate `p` in training."
         return F.dropout(x, self.p, self.training, self.inplace)
@@ -51,7 +51,8 @@ class Dropout(nn.Dropout):
 
 @register_notrace_module   # a leaf for timm's FX tracing: its rate and block size are Python numbers of the input
 class RampDropBlock(DropBlock2d):
-    "timm's `DropBlock2d` per channel, its rate ramped over the model's passes, its seed rate scaled to the map."
+    "timm's `DropBlock2d` per channel, its rate ramped over the model's passes."
+    # its seed rate is scaled to the map (`dropblock_gamma_scale`)
     block_fixed: Optional[int]   # typed for TorchScript, which cannot infer it from a None
 
     def __init__(self,
@@ -66,7 +67,7 @@ class RampDropBlock(DropBlock2d):
     def forward(self,
                 x: Tensor,                       # feature map (N, C, H, W)
                 count: Optional[Tensor] = None):  # the model's training passes so far; None: the full rate
-        "`x` with blocks dropped in training, at the rate the ramp has reached after `count` passes."
+        "`x` with blocks dropped in training, at the ramp's rate after `count` passes."
         if not self.training: return x
         h, w = x.shape[-2], x.shape[-1]
         # the map is `stride` times smaller than the image, so `min(h, w) * stride >= 64` is RFS's image-size rule
@@ -82,7 +83,8 @@ class RampDropBlock(DropBlock2d):
 
 @register_notrace_module   # a leaf for timm's FX tracing, so that tracing does not count a pass itself
 class PassCounter(nn.Module):
-    "Counts the model's training passes; a module, so that FX graphs keep it though nothing uses its output."
+    "Counts the model's training passes."
+    # a module, so that FX graphs keep it though nothing uses its output
     _is_impure = True   # FX's dead-code elimination keeps impure calls
 
     def forward(self, count: Tensor) -> Tensor:  # the model's counter, changed in place
@@ -92,7 +94,8 @@ class PassCounter(nn.Module):
 
 
 class Block(nn.Module):
-    "Three 3x3 conv-BN-LeakyReLU with a 1x1 conv-BN shortcut, then a 2x2 max-pool; names as in RFS and learn2learn."
+    "Three 3x3 conv-BN-LeakyReLU with a 1x1 conv-BN shortcut, then a 2x2 max-pool."
+    # the names are as in RFS and learn2learn
     def __init__(self, cin: int, cout: int, device=None, dtype=None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
@@ -117,7 +120,8 @@ class Stage(nn.Sequential):
 
 
 class ResNet12(nn.Module):
-    "ResNet-12: four residual stages, dropout after the first two and DropBlock after the last two, then global pooling."
+    "ResNet-12: four residual stages, then global pooling."
+    # dropout after the first two stages, DropBlock after the last two
     __jit_unused_properties__ = ['drop_prob']   # Python-side only, TorchScript need not compile it
 
     def __init__(self,
@@ -156,29 +160,33 @@ class ResNet12(nn.Module):
 
     @property
     def drop_prob(self) -> float:
-        "DropBlock's rate for the next training pass: 0 at first, rising linearly to `drop_rate` over `dropblock_ramp` passes."
+        "DropBlock's rate for the next training pass."
+        # 0 at first, rising linearly to `drop_rate` over `dropblock_ramp` passes
         return ramp_rate(self.drop_rate, self.dropblock_ramp, self.num_batches_tracked)
 
     @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False):  # timm's flag for stages (True) or blocks; one block a stage here
-        "timm's parameter groups: stages 1 (as `stem`), 2, 3, 4, then the unmatched classifier last."
+    def group_matcher(self, coarse: bool = False):  # timm's flag for stages (True) or blocks; one block per stage here
+        "timm's groups: stage 1 as `stem`, 2 to 4, then the classifier."
+        # the classifier, matched by neither, comes last
         # ResNet-12 has no stem: its first stage reads the images, as the stem of timm's ResNets does
         return dict(stem=r'^layer1\.', blocks=r'^layer(\d+)\.')
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):  # recompute the blocks in the backward pass to save memory
-        "Recompute each stage's `Block` (not its dropout) in the backward pass."
+        "Recompute each stage's `Block` in the backward pass."
+        # the block only, not its dropout
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self, name_only: bool = False):  # the name 'fc', not the module
-        "The classifier head (`nn.Identity` when `num_classes` is 0), or its name."
+        "The classifier head, or its name."
+        # the head is `nn.Identity` when `num_classes` is 0
         return 'fc' if name_only else self.fc
 
     def reset_classifier(self,
                          num_classes: int,                # outputs of the new head; 0 for none
                          global_pool: str | None = None):  # timm's pooling name, '' none; None: the current one
-        "A new head of `num_classes` outputs (0: none), keeping the pooling unless `global_pool` is given."
+        "A new head of `num_classes` outputs, the pooling kept unless given."
         self.num_classes = num_classes
         pool = self.global_pool.pool_type if global_pool is None else global_pool
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=pool,
@@ -196,12 +204,12 @@ class ResNet12(nn.Module):
         return maps
 
     def forward_features(self, x):  # images (N, C, H, W)
-        "The feature map of the last stage, (N, 640, H/16, W/16); a training pass also advances the DropBlock ramp."
+        "The feature map of the last stage, (N, 640, H/16, W/16)."
         if self.grad_checkpointing and not torch.jit.is_scripting(): x = self._stages(x)[-1]
         else:
             count = self.num_batches_tracked
             x = self.layer4(self.layer3(self.layer2(self.layer1(x, count), count), count), count)
-        self.pass_counter(self.num_batches_tracked)
+        self.pass_counter(self.num_batches_tracked)   # a training pass advances the DropBlock ramp
         return x
 
     def forward_intermediates(self,
@@ -212,7 +220,8 @@ class ResNet12(nn.Module):
                               output_fmt: str = 'NCHW',                     # only NCHW
                               intermediates_only: bool = False              # return the stage maps only
                               ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:  # (last map, stage maps)
-        "The maps of the stages in `indices`, after the final map unless `intermediates_only`."
+        "The maps of the stages in `indices`, with the final map."
+        # (final map, stage maps), or the stage maps alone if `intermediates_only`
         if output_fmt != 'NCHW': raise ValueError(f"ResNet-12 gives NCHW maps only, not {output_fmt!r}")
         take, last = feature_take_indices(len(self.feature_info), indices)
         maps = self._stages(x, last if stop_early else 3)
@@ -224,18 +233,18 @@ class ResNet12(nn.Module):
                                   indices: Union[int, List[int]] = 1,  # stages to keep, as in `forward_intermediates`
                                   prune_norm: bool = False,           # unused: ResNet-12 has no final norm
                                   prune_head: bool = True):           # remove the pooling and classifier too
-        "Replace the stages after the last of `indices` by pass-throughs; the kept indices."
+        "Pass-throughs for the stages after the last of `indices`."
         take, last = feature_take_indices(len(self.feature_info), indices)
         for i in range(last + 1, 4):   # a pass-through that takes the counter like a stage
             setattr(self, f'layer{i + 1}', Stage(nn.Identity(), Dropout(0.)))
         if last < 3: self.num_features = self.feature_info[last]['num_chs']
         if prune_head or last < 3: self.reset_classifier(0, '')
-        return take
+        return take   # the kept indices
 
     def forward_head(self,
                      x,                         # the feature map of `forward_features`
                      pre_logits: bool = False):  # return the pooled features, not the classifier's outputs
-        "The pooled features of the map `x`, or the classifier's outputs on them."
+        "The pooled features of the map `x`, or the classifier's outputs."
         x = self.global_pool(x)
         return x if pre_logits else self.fc(x)
 
@@ -245,7 +254,8 @@ class ResNet12(nn.Module):
 
 
 def checkpoint_filter_fn(state_dict: dict, model: ResNet12) -> dict:
-    "A ResNet-12 state dict of fsmtl, RFS or learn2learn as `model`'s: learn2learn's prefix and their class heads dropped."
+    "A ResNet-12 state dict of fsmtl, RFS or learn2learn as `model`'s."
+    # learn2learn's prefix and their class heads are dropped
     sd = {k.removeprefix('features.'): v for k, v in state_dict.items() if not k.startswith('classifier.')}
     sd.setdefault('num_batches_tracked', model.num_batches_tracked)
     # timm loads non-strictly whenever num_classes differs from the cfg's, so a wrong file would load in silence
@@ -264,7 +274,8 @@ default_cfgs = generate_default_cfgs({'resnet12': dict(
 def resnet12(pretrained: bool = False,  # load the file given by `pretrained_cfg_overlay=dict(file=...)`
              **kwargs                 # passed to `ResNet12` (channels, drop_rate ...) and timm's `build_model_with_cfg`
              ) -> ResNet12:           # the backbone, with a classifier when `num_classes` > 0
-    "ResNet-12 of widths 64-160-320-640 (MetaOptNet, RFS); no hub weights exist, pass a file by `pretrained_cfg_overlay`."
+    "ResNet-12 of widths 64-160-320-640 (MetaOptNet, RFS)."
+    # no hub weights exist: pass a file by `pretrained_cfg_overlay`
     # `features_only` goes through `forward_intermediates`, which keeps the DropBlock ramp; 4 stages, no stem
     feature_cfg = dict(feature_cls='getter', out_indices=(0, 1, 2, 3), **kwargs.pop('feature_cfg', {}))
     return build_model_with_cfg(ResNet12, 'resnet12', pretrained, pretrained_filter_fn=checkpoint_filter_fn,

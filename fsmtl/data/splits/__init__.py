@@ -1,4 +1,5 @@
-"Class splits of the few-shot benchmarks, as published; shipped as constants so no download is needed to know them."
+"The published class splits of the few-shot benchmarks, as constants."
+# shipped with fsmtl, so no download is needed to know them
 
 __all__ = ['CIFARFS', 'FC100', 'MINI_IMAGENET', 'TIERED_IMAGENET_CLASSES']
 
