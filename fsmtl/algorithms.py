@@ -325,7 +325,7 @@ def meta_learner(dls,                          # DataLoaders from `mtl_dls`
                  ridge_lambda: float = 50.,    # R2D2's L2 weight
                  **kwargs                      # passed to `mtl_learner`: arch, opt, lr, probe, precision ...
                  ) -> MTLLearner:
-    "`mtl_learner` training by `algorithm` on the same task batches (first `shots` a class: support, the rest: query)."
+    "`mtl_learner` training by a meta-learning `algorithm` on the same task batches."
     if algorithm == 'mtl': return mtl_learner(dls, **kwargs)
     train = dls.train
     shots = getattr(dls, 'train_shots', None) if shots is None else shots
@@ -352,7 +352,7 @@ def native_accuracy(model,               # a model of `meta_model`
                     shots=(1, 5),        # shot counts; each uses the first supports of a class
                     chunk: int = 256,    # images a forward pass
                     progress: bool = False):  # show a progress bar
-    "Per-episode query accuracy of `dl`'s episodes for each shot count, by the algorithm's own head (as `episodic_accuracy`)."
+    "Per-episode query accuracy per shot count by the algorithm's own head."
     _check_native(model)
     counts = shot_counts(shots)
     yq = torch.arange(dl.ways, device=dl.device).repeat_interleave(dl.queries)
@@ -374,7 +374,7 @@ def native_evaluate(model,                 # a model of `meta_model`
                     chunk: int = 256,      # images loaded at once
                     progress: bool = True  # show a progress bar
                     ) -> EvalResults:
-    "The episodic test by the algorithm's own head (prototypes, SVM, ridge, MAML's adaptation): mean ± 95% CI."
+    "The episodic test by the algorithm's own head (prototypes, SVM, ridge, MAML): mean ± 95% CI."
     counts = shot_counts(shots)
     _check_native(model)   # before any episode is drawn
     dl = episode_loader(source, split, counts[-1], model_device(model), chunk, ways=ways, queries=queries, n=episodes,

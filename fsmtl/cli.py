@@ -91,7 +91,7 @@ def _option_flags(p, names):
 def _print_results(results):
     from .distributed import is_main
     if not is_main(): return   # every process holds the same results
-    for s, r in results.items(): print(f"{r.ways}-way {s}-shot test accuracy: {r!r} ({len(r.accs)} episodes)")
+    print(f"test accuracy, mean ± 95% CI:\n{results!r}")
 
 
 def _train(args):

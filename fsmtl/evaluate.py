@@ -98,7 +98,7 @@ def episodic_accuracy(model,                     # a backbone, or a model with a
                       chunk: int = 256,          # images a forward pass
                       group: int = 2 ** 15,      # feature rows kept before the probe runs on their episodes
                       progress: bool = False):   # show a progress bar
-    "Per-episode query accuracy of `dl`'s episodes for each shot count, all from one pass of feature extraction."
+    "Per-episode query accuracy per shot count, from one pass of feature extraction."
     dl = shard_episodes(dl)   # under torch.distributed each process scores its share; all get every episode's accuracy
     scorer = EpisodeScorer(dl.ways, dl.per_class, dl.queries, shots, probe, group)
     for x, _ in (progress_bar(dl, leave=False) if progress and interactive() else dl): scorer.add(extract_features(model, x, chunk))
@@ -123,12 +123,13 @@ def episode_loader(source,                 # an `EpisodeDL`, `mtl_dls`'s DataLoa
                    shots: int = 5,         # the most support images per class that will be scored
                    device=None,            # the device of the model; None: the loader's, or fastai's default
                    chunk: int = 256,       # images per batch at most, for episodes drawn here
-                   **draw                  # ways, queries, n, seed; None or absent: the loader's, else `DRAW`'s
+                   ways: int | None = None,     # classes per episode; None: the loader's, else 5
+                   queries: int | None = None,  # query images per class; None: the loader's, else 15
+                   n: int | None = None,        # episodes; None: the loader's, else 2000
+                   seed: int | None = None      # fixes the episodes; None: the loader's, else 0
                    ) -> EpisodeDL:
-    "The episodes to score: the DataLoaders' own when they have what is asked, else drawn from the benchmark."
-    asked = {k: v for k, v in draw.items() if v is not None}
-    unknown = set(asked) - set(DRAW)
-    if unknown: raise TypeError(f"unknown episode setting(s) {', '.join(sorted(unknown))}: use {', '.join(DRAW)}")
+    "The episodes to score: the DataLoaders' own when they fit, else drawn from the benchmark."
+    asked = {k: v for k, v in dict(ways=ways, queries=queries, n=n, seed=seed).items() if v is not None}
     split = 'val' if split == 'valid' else split
     dl = source if isinstance(source, EpisodeDL) else _loader(source, split)
     if dl is not None:
@@ -179,7 +180,7 @@ def evaluate(learn_or_model,                 # a `Learner`, a model with a `back
              progress: bool = True,          # show a progress bar
              finetune_steps: int = 0,        # fine-tune a copy of the backbone on each episode's supports first (P>M>F)
              finetune_lr: float = 1e-3):     # the learning rate of that fine-tuning
-    "The episodic test of a backbone: mean ± 95% CI per shot count (`EvalResults`; one `EvalResult` for an int)."
+    "The episodic test of a backbone: mean ± 95% CI per shot count."
     learn = learn_or_model if isinstance(learn_or_model, Learner) else None
     model = learn.model if learn is not None else learn_or_model
     if source is None:

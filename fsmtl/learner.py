@@ -142,7 +142,7 @@ class MTLLearner(Learner):
     def export(self,
                fname='export.pkl',  # file name, under the learner's `path`
                **kwargs):           # passed to fastai's `Learner.export` (pickle_module, pickle_protocol)
-        "fastai's `export` for inference; of the DataLoaders only the input (size, mean, std) goes in, as `InputOnly`."
+        "fastai's `export`, with only the input (size, mean, std) of the DataLoaders (`InputOnly`)."
         # fastai's transforms dispatch through locks that cannot be pickled: the loaders stay behind
         old, self.dls = self.dls, InputOnly.of(self.dls)
         try: super().export(fname, **kwargs)
@@ -205,7 +205,7 @@ def fit_plateau(self: Learner,
                 stop_patience: int = 15,  # epochs without a gain before training stops
                 cbs=None,                 # more callbacks for this fit
                 **kwargs):                # passed to `fit`: wd, reset_opt, start_epoch
-    "Fit with the original's plateau schedule on `episodic_acc` (see `plateau_cbs`)."
+    "Fit with the original code's plateau schedule on `episodic_acc` (see `plateau_cbs`)."
     self.fit(n_epoch, lr, cbs=plateau_cbs(patience, factor, stop_patience) + list(cbs or []), **kwargs)
 
 
@@ -265,7 +265,7 @@ def mtl_learner(dls,                          # DataLoaders from `mtl_dls`
                 train_bn: bool = True,        # train batch-norm layers of a frozen backbone (False also keeps their statistics)
                 **kwargs                      # passed to fastai's `Learner`
                 ) -> MTLLearner:              # call `fit_one_cycle`, `fine_tune`, `fit_plateau`, `evaluate` ... on it
-    "A fastai Learner that trains a backbone by multi-task learning on `dls`, scored on its validation episodes (`episodic_acc`)."
+    "A fastai `Learner` training a backbone by multi-task learning, scored by `episodic_acc`."
     splits = getattr(dls, 'splits', None)
     if splits is None: raise ValueError("mtl_learner needs DataLoaders made by mtl_dls (they carry dls.splits)")
     opt_func = opt if callable(opt) else get_opt(opt)

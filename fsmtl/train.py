@@ -112,7 +112,7 @@ def recipe_command(recipe: dict,   # one of `RECIPES`, or any dict with a `datas
 
 @dataclass
 class TrainResult:
-    "What `train` returns: the learner (with the best weights), the history of each epoch and the final test results."
+    "What `train` returns: the learner with the best weights, its history and the test results."
     learner: object                              # the `Learner`, with the best checkpoint's weights
     history: pd.DataFrame                        # one row per epoch: losses, `task_acc`, `episodic_acc`, `episodic_ci`
     test: EvalResults                            # final test accuracy by shot count
@@ -124,10 +124,10 @@ class TrainResult:
 
     def __str__(self):
         head = f"best epoch {self.best_epoch} of {len(self.history)}" if self.best_epoch else "no epoch trained"
-        lines = [head + (f", run in {self.run_dir}" if self.run_dir else '')]
+        lines = [head + (f", run in {self.run_dir}" if self.run_dir else '') + '; test accuracy, mean ± 95% CI:']
         for s, r in self.test.items():
             base = f"   untrained backbone: {self.untrained[s]!r}" if self.untrained and s in self.untrained else ''
-            lines.append(f"{r.ways}-way {s}-shot test accuracy: {r!r} ({len(r.accs)} episodes){base}")
+            lines.append(f"{r}{base}")
         return '\n'.join(lines)
 
 
@@ -388,7 +388,7 @@ def _train_in(cfg, resumed, run_dir) -> TrainResult:
 def evaluate_checkpoint(load_path,  # a checkpoint file (best.pth, last.pth) or a run folder (its best.pth)
                         **options   # options of `OPTIONS` that change the test (dataset, root, test_* ...)
                         ) -> EvalResults:  # mean ± 95% CI of each shot count
-    "The final test alone: 1- and 5-shot accuracy (mean ± 95% CI) of a checkpoint's backbone on the test episodes."
+    "The final test alone: a checkpoint's 1- and 5-shot accuracy (mean ± 95% CI)."
     options.pop('test_only', None)
     p = Path(load_path).expanduser()
     st = read_checkpoint(p, prefer='best')

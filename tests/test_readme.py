@@ -63,8 +63,8 @@ def test_make_train_command_runs_shortened(tmp_path, glyph_root):
     assert '--baseline' in args and '--max_epochs' in args[:-14]
     res = subprocess.run([str(Path(sys.executable).parent / 'fsmtl'), 'train', *args], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
-    assert re.search(r'1-shot test accuracy: [\d.]+ ± [\d.]+% \(20 episodes\)\s+untrained backbone', res.stdout)
-    assert re.search(r'5-shot test accuracy: [\d.]+ ± [\d.]+% \(20 episodes\)\s+untrained backbone', res.stdout)
+    assert re.search(r'5-way 1-shot: [\d.]+ ± [\d.]+% \(20 episodes\)\s+untrained backbone', res.stdout)
+    assert re.search(r'5-way 5-shot: [\d.]+ ± [\d.]+% \(20 episodes\)\s+untrained backbone', res.stdout)
 
 
 def test_recipes_table_is_fsmtl_recipes():

@@ -57,7 +57,7 @@ def test_a_short_run_learns_and_keeps_its_best_checkpoint(trained, glyph_root):
     out = T.evaluate_checkpoint(res.run_dir, root=str(glyph_root), progress=False)
     for s in (1, 5): assert out[s].accs.tolist() == pytest.approx(res.test[s].accs.tolist())
     assert set(res.test) == {1, 5} and len(res.test[5].accs) == 40
-    assert '5-way 1-shot test accuracy' in str(res) and 'untrained' in str(res)
+    assert 'test accuracy, mean ± 95% CI:' in str(res) and f"\n{res.test[1]}   untrained backbone: {res.untrained[1]!r}" in str(res)
 
 
 def test_logs_of_a_run(trained):
@@ -219,8 +219,8 @@ def test_fsmtl_test_and_train_commands(trained, glyph_root, capsys):
     assert main(['test', '--load-path', str(res.run_dir / 'best.pth'), '--root', str(glyph_root),
                  '--final_test_epoch_length', '40']) == 0
     out = capsys.readouterr().out
-    assert f"5-way 5-shot test accuracy: {res.test[5]!r} (40 episodes)" in out
-    assert f"5-way 1-shot test accuracy: {res.test[1]!r} (40 episodes)" in out
+    assert f"5-way 5-shot: {res.test[5]!r} (40 episodes)" in out
+    assert f"5-way 1-shot: {res.test[1]!r} (40 episodes)" in out
     assert main(['train', '--root', str(glyph_root), '--optim', 'lamb']) == 2
     assert 'unknown optimiser' in capsys.readouterr().err
     assert main(['test', '--load_path', str(tmp / 'nothing.pth')]) == 2
@@ -228,7 +228,7 @@ def test_fsmtl_test_and_train_commands(trained, glyph_root, capsys):
     # --test_only of fsmtl train is fsmtl test
     assert main(['train', '--test_only', '--load_path', str(res.run_dir), '--root', str(glyph_root),
                  '--final_test_epoch_length', '40']) == 0
-    assert f"5-way 5-shot test accuracy: {res.test[5]!r} (40 episodes)" in capsys.readouterr().out
+    assert f"5-way 5-shot: {res.test[5]!r} (40 episodes)" in capsys.readouterr().out
 
 
 def test_testing_needs_no_training_optimiser(trained, glyph_root, monkeypatch, tmp_path):

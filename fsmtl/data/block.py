@@ -79,7 +79,7 @@ def mtl_dls(name_or_splits='glyphs',      # a benchmark name for `get_benchmark`
             download: bool = True,        # fetch missing benchmark files
             **kwargs                      # passed to `get_benchmark`
             ) -> DataLoaders:             # train (tasks), valid and test (episodes)
-    "DataLoaders of a benchmark: multi-task training batches, fixed validation episodes, and test episodes (`dls[2]`)."
+    "DataLoaders of a benchmark: training tasks, validation episodes and test episodes (`dls[2]`)."
     splits = name_or_splits if isinstance(name_or_splits, FewShotSplits) else \
         get_benchmark(name_or_splits, root=root, download=download, **kwargs)
     if size is not None:

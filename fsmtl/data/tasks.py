@@ -141,7 +141,7 @@ class TaskDL(_SplitDL):
 
 @delegates(TfmdDL, but=['shuffle', 'drop_last'])
 class EpisodeDL(_SplitDL):
-    "Fixed episodes of `ways` novel classes x (`shots` + `queries`) images: the same every epoch and run for one seed."
+    "Fixed episodes of `ways` classes x (`shots` + `queries`) images, the same for one seed."
     def __init__(self, dataset=None,  # fastai's dataset argument; items come from `split`
                  split: Split = None,   # the novel classes
                  ways: int = 5,         # classes per episode
