@@ -97,18 +97,17 @@ def mtl_dls(name_or_splits='glyphs',      # a benchmark name for `get_benchmark`
     common = dict(after_batch=block.batch_tfms, vocab=pool.vocab, num_workers=num_workers, device=device)
     train = TaskDL(dsets.subset(0), split=splits.train, ways=train_ways, per_class=train_shots + train_queries,
                    n=epoch_length, bs=meta_batch_size, **common)
-    evals = [_episode_dl(dsets, pool, s, test_ways, shots[s], test_queries, n, seed, chunk, common)
-             for s, n in [('val', val_episodes), ('test', test_episodes)]]
+    evals = [_episode_dl(dsets, pool, s, ways=test_ways, shots=shots[s], queries=test_queries, n=n, seed=seed, chunk=chunk,
+                         **common) for s, n in [('val', val_episodes), ('test', test_episodes)]]
     dls = DataLoaders(train, *evals, path=Path(root).expanduser(), device=device)
     dls.splits, dls.test_shots, dls.final_shots, dls.train_shots = splits, test_shots, tuple(final), train_shots
     return dls
 
 
-def _episode_dl(dsets, pool, split, ways, shots, queries, n, seed, chunk, common):
-    "The `EpisodeDL` of `split` over the DataBlock's datasets of all three splits."
+def _episode_dl(dsets, pool, split, **kwargs):
+    "The `EpisodeDL` of `split` over the DataBlock's datasets of all three splits; `kwargs` go to `EpisodeDL`."
     k = SPLITS.index(split)
-    return EpisodeDL(dsets.subset(k), split=pool.splits[split], ways=ways, shots=shots, queries=queries, n=n, seed=seed,
-                     chunk=chunk, label_offset=int(pool.class_offsets[split]), **common)
+    return EpisodeDL(dsets.subset(k), split=pool.splits[split], label_offset=int(pool.class_offsets[split]), **kwargs)
 
 
 def episode_dl(splits: FewShotSplits,      # the benchmark
@@ -128,9 +127,10 @@ def episode_dl(splits: FewShotSplits,      # the benchmark
     if min(shots, queries, n) >= 1: check_task_size(splits[split], ways, shots + queries, split, splits.name)
     block, pool = mtl_block(splits, augment=False)
     if num_workers is None: num_workers = 0 if splits[split].in_memory else None
-    common = dict(after_batch=block.batch_tfms, vocab=pool.vocab, num_workers=num_workers, bs=bs,
-                  device=default_device() if device is None else device)
+    device = default_device() if device is None else device
     # fastai seeds each new loader from Python's `random`: building episodes, at whatever epoch, must not move the
     # training tasks' random stream, or a resumed run would draw other tasks than the uninterrupted one
     with seeded_random(None):
-        return _episode_dl(block.datasets(splits), pool, split, ways, shots, queries, n, seed, chunk, common)
+        return _episode_dl(block.datasets(splits), pool, split, ways=ways, shots=shots, queries=queries, n=n, seed=seed,
+                           chunk=chunk, bs=bs, after_batch=block.batch_tfms, vocab=pool.vocab, num_workers=num_workers,
+                           device=device)
