@@ -139,7 +139,8 @@ def episode_loader(source,                 # an `EpisodeDL`, `mtl_dls`'s DataLoa
         if isinstance(source, EpisodeDL):
             raise ValueError(f"these episodes are {dl.ways}-way with {dl.shots} shots, {dl.queries} queries, {have['n']} "
                              f"of them (seed {dl.seed}), on {dl.device}: they cannot give {shots} shots, {asked} on {device}")
-        asked = {**have, **asked}
+        # the loader's own settings where none is asked, and its supports: the same episodes for the same seed
+        asked, shots = {**have, **asked}, max(shots, dl.shots)
     return episode_dl(_episodes_source(source, split), split, shots=shots, device=device, chunk=chunk, **{**DRAW, **asked})
 
 

@@ -271,6 +271,12 @@ def test_learner_evaluate(sp):
     assert isinstance(v, EvalResult) and (v.ways, v.shots, v.queries) == (3, 2, 4) and v.accs.shape == (10,)
     assert np.array_equal(v.accs, evaluate(model, sp, split='val', ways=3, shots=2, queries=4, **kw).accs)
     assert not np.array_equal(v.accs, evaluate(model, sp, split='test', ways=3, shots=2, queries=4, **kw).accs)
+    # an EpisodeDL is scored as it is, and refuses what it cannot give
+    assert np.array_equal(evaluate(model, dls[2], progress=False)[1].accs, r[1].accs)
+    with pytest.raises(ValueError, match='cannot give 5 shots'): evaluate(model, dls[2], episodes=4, progress=False)
+    with pytest.raises(ValueError, match='cannot give 9 shots'): evaluate(model, dls[2], shots=9, progress=False)
+    # fewer episodes than the loader's, drawn again from the benchmark, are its first ones
+    assert np.array_equal(learn.evaluate(episodes=4, progress=False)[1].accs, r[1].accs[:4])
 
 
 # ---------------------------------------------------------------- bad input
