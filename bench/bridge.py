@@ -73,12 +73,12 @@ def one(args):
     budget = Budget(args.budget)
     learn.fit(10_000, args.lr, cbs=[budget, *plateau_cbs()])
     learn.model.load_state_dict(budget.state)
-    test = evaluate(learn.model, dls.splits, 'test', shots=(1, 5), episodes=args.test_episodes, seed=args.seed, progress=False)
+    test = evaluate(learn.model, dls, 'test', shots=(1, 5), progress=False)   # dls[2]: the same test episodes for all
     out = dict(algorithm=args.one, log=budget.log, test={s: (r.mean, r.ci95) for s, r in test.items()},
                epochs=len(budget.log), wall=budget.log[-1][0])
     if args.one != 'mtl' and args.native_episodes:
-        nat = native_evaluate(learn.model, dls.splits, 'test', shots=(1, 5), episodes=args.native_episodes, seed=args.seed,
-                              progress=False)
+        # the first `native_episodes` of those episodes, drawn again
+        nat = native_evaluate(learn.model, dls, 'test', shots=(1, 5), episodes=args.native_episodes, progress=False)
         out['native'] = {s: (r.mean, r.ci95) for s, r in nat.items()}
     out['peak_mib'] = (torch.cuda.max_memory_allocated() / 2 ** 20 if device == 'cuda'
                        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
