@@ -5,11 +5,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from fastai.vision.core import TensorImage
 from torch import nn
 
 from .adapt import finetune_copy
 from .checkpoint import backbone_from_checkpoint, read_checkpoint, save_atomic
 from .data.core import _decode
+from .data.transforms import BatchResize
 from .features import extract_features, feature_model, model_device
 from .probe import get_probe
 
@@ -58,11 +60,15 @@ def _image(im, size: int) -> torch.Tensor:
 def image_batch(images,   # file paths, PIL images, uint8 (H, W, 3) arrays, (3, H, W) tensors, or a (N, 3, H, W) tensor
                 size: int,  # side of the square images the backbone takes
                 mean,       # per-channel mean of images in 0..1
-                std):       # per-channel std of images in 0..1
+                std,        # per-channel std of images in 0..1
+                image_size: int | None = None,     # side images are loaded at first, as in training; None: `size`
+                interpolation: str = 'bilinear'):  # the filter from `image_size` to `size`, as in training
     "`images` as a normalised float (N, 3, size, size) CPU tensor."
-    # RGB, resized by PIL's bilinear filter, (x/255 - mean) / std
-    items = _items(images)
-    x = torch.stack([_image(im, size) for im in items]) if items else torch.zeros(0, 3, size, size)
+    # RGB, resized to `image_size` by PIL's bilinear filter, as benchmarks load them; then, as training batches are,
+    # to `size` by `BatchResize`; then (x/255 - mean) / std
+    items, loaded = _items(images), image_size or size
+    x = torch.stack([_image(im, loaded) for im in items]) if items else torch.zeros(0, 3, loaded, loaded)
+    if loaded != size: x = BatchResize(size, interpolation)(TensorImage(x)).as_subclass(torch.Tensor)
     return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
@@ -80,8 +86,11 @@ class FewShotClassifier:
                  arch_kwargs: dict | None = None,  # keyword arguments of `timm.create_model` that rebuild the backbone
                  chunk: int = 256,         # images read and passed forward at once
                  finetune_steps: int = 0,  # fine-tune a copy of the backbone on the support images first (P>M>F)
-                 finetune_lr: float = 1e-3):  # the learning rate of that fine-tuning
+                 finetune_lr: float = 1e-3,  # the learning rate of that fine-tuning
+                 image_size: int | None = None,  # side images were loaded at in training, before resizing; None: `size`
+                 interpolation: str = 'bilinear'):  # the filter of that resize to `size`
         self.backbone, self.size, self.chunk = feature_model(backbone), int(size), chunk
+        self.image_size, self.interpolation = int(image_size or size), interpolation
         self.finetune_steps, self.finetune_lr, self.finetuned = int(finetune_steps), float(finetune_lr), None
         self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
         self.probe, self.C, self.arch, self.arch_kwargs = probe, float(C), arch, arch_kwargs
@@ -100,7 +109,8 @@ class FewShotClassifier:
         "An unfitted classifier on `learn`'s backbone and input."
         # the benchmark's image size and normalisation
         s = learn.dls.splits
-        return cls(feature_model(learn.model), s.size, s.mean, s.std, probe, **kw)
+        return cls(feature_model(learn.model), s.size, s.mean, s.std, probe, image_size=s.train.image_size(),
+                   interpolation=s.interpolation, **kw)
 
     def features(self, images  # file paths, PIL images, arrays or tensors
                  ) -> torch.Tensor:
@@ -110,9 +120,13 @@ class FewShotClassifier:
         if not items: raise ValueError("no images given")
         # after a fit with `finetune_steps`, the fine-tuned copy; the stored backbone is never changed
         model = self.backbone if self.finetuned is None else self.finetuned
-        return torch.cat([extract_features(model, image_batch(items[i:i + self.chunk], self.size, self.mean,
-                                                                      self.std).to(device), self.chunk)
+        return torch.cat([extract_features(model, image_batch(items[i:i + self.chunk], *self._input()).to(device),
+                                           self.chunk)
                           for i in range(0, len(items), self.chunk)])
+
+    def _input(self):
+        "The arguments of `image_batch` that serve images as training did."
+        return self.size, self.mean, self.std, self.image_size, self.interpolation
 
     def fit(self,
             support,  # a few images of each class: file paths, PIL images, arrays or tensors
@@ -130,7 +144,7 @@ class FewShotClassifier:
         y = torch.tensor([index[l] for l in labels])
         self.finetuned = None
         if self.finetune_steps:
-            x = image_batch(items, self.size, self.mean, self.std).to(model_device(self.backbone))
+            x = image_batch(items, *self._input()).to(model_device(self.backbone))
             self.finetuned = finetune_copy(self.backbone, x, y, self.mean, self.std, self.finetune_steps, self.finetune_lr)
         return self._fit(self.features(items), y, classes)
 
@@ -173,6 +187,7 @@ class FewShotClassifier:
         if not isinstance(self.probe, str): raise ValueError("save needs the probe by name ('logistic', 'sklearn' or 'proto')")
         fitted = hasattr(self, 'probe_')
         state = dict(arch=arch, arch_kwargs=kwargs, size=self.size, mean=self.mean, std=self.std, probe=self.probe, C=self.C,
+                     image_size=self.image_size, interpolation=self.interpolation,
                      # a fine-tuned copy is what the stored support features and later predictions come from
                      backbone={k: v.detach().cpu() for k, v in (self.backbone if self.finetuned is None else self.finetuned).state_dict().items()},
                      # label values other than str or int are stored as str
@@ -203,8 +218,10 @@ class FewShotClassifier:
     @classmethod
     def _build(cls, st, path, probe, device, **kw):
         "An unfitted classifier from checkpoint `st`: the backbone rebuilt with its weights."
+        # checkpoints from before `image_size` was recorded load images straight at `size`
         return cls(backbone_from_checkpoint(st, path).eval().to(device or 'cpu'), st['size'], st['mean'], st['std'], probe,
-                   arch=st['arch'], arch_kwargs=st['arch_kwargs'], **kw)
+                   arch=st['arch'], arch_kwargs=st['arch_kwargs'], image_size=st.get('image_size'),
+                   interpolation=st.get('interpolation', 'bilinear'), **kw)
 
     @classmethod
     def load(cls,

@@ -358,7 +358,8 @@ def _train_in(cfg, resumed, run_dir) -> TrainResult:
     if cfg['load_path'] and resumed is None: _load_weights(model, read_checkpoint(cfg['load_path']), cfg['load_path'])
     splits = dls.splits
     meta = dict(arch=cfg['model'], arch_kwargs=dict(cfg['model_kwargs'] or {}), size=splits.size, mean=list(splits.mean),
-                std=list(splits.std), interpolation=splits.interpolation, n_base=splits.train.n_classes,
+                std=list(splits.std), interpolation=splits.interpolation, image_size=splits.train.image_size(),
+                n_base=splits.train.n_classes,
                 norm_train_features=cfg['norm_train_features'], config=_json_config(cfg))
     ckpt = Checkpoints(run_dir, meta, resume=resumed)
     learn.add_cb(ckpt)

@@ -15,9 +15,10 @@ from fastai.torch_core import set_seed
 from fastai.vision.core import TensorImage
 
 from fsmtl.checkpoint import Checkpoints
-from fsmtl.classifier import FewShotClassifier
+from fsmtl.classifier import FewShotClassifier, image_batch
 from fsmtl.data.block import episode_dl, mtl_dls
 from fsmtl.evaluate import evaluate
+from fsmtl.features import extract_features
 from fsmtl.learner import mtl_learner
 from fsmtl.train import evaluate_checkpoint, train
 from helpers import coded_splits, shapes_folder
@@ -183,6 +184,21 @@ def test_train_with_pretrained_weights_and_frozen_epochs(weights, glyph_root, tm
     # `fsmtl test` serves the checkpoint's recorded input: the same accuracies as the run's own final test
     again = evaluate_checkpoint(run, progress=False)
     assert all(np.array_equal(again[s].accs, res.test[s].accs) for s in (1, 5))
+    # FewShotClassifier serves images as training did: loaded at the benchmark's 32 px, then resized to 36 by the
+    # model's bicubic filter; the reference is torchvision's resize and normalisation by hand
+    clf = FewShotClassifier.from_checkpoint(run)
+    assert (clf.size, clf.image_size, clf.interpolation) == (36, 32, 'bicubic') and last['image_size'] == 32
+    raw = res.learner.dls.splits.test.load(list(range(4)))
+    ref = TF.resize(torch.from_numpy(raw).permute(0, 3, 1, 2).float() / 255, [36, 36],
+                    interpolation=TF.InterpolationMode.BICUBIC, antialias=False).clamp(0, 1)
+    ref = (ref - torch.tensor(clf.mean).view(3, 1, 1)) / torch.tensor(clf.std).view(3, 1, 1)
+    assert torch.allclose(image_batch(list(raw), *clf._input()), ref, atol=1e-5)
+    # the same input as the final test's batches: the same features
+    x = res.learner.dls[2].after_batch(TensorImage(torch.from_numpy(raw).permute(0, 3, 1, 2).contiguous()))
+    assert torch.allclose(clf.features(list(raw)), extract_features(clf.backbone, x), atol=1e-5)
+    # saved and loaded, it keeps that input
+    clf.fit(list(raw), [0, 0, 1, 1]).save(tmp_path / 'clf.pth')
+    assert FewShotClassifier.load(tmp_path / 'clf.pth')._input() == clf._input()
 
 
 def test_fine_tune_from_pretrained_beats_from_scratch(glyph_splits, tmp_path):
