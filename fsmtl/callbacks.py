@@ -1,21 +1,24 @@
 "Callbacks of MTL training: `EpisodicEval`, `TaskAccuracy`, `StopOnNaN` and `AMP`."
 from __future__ import annotations
 
+import io
 import warnings
+from contextlib import nullcontext, redirect_stdout
 
 import torch
 from fastai.callback.core import Callback, CancelBatchException
 from fastai.callback.fp16 import AMPMode, MixedPrecision
+from fastai.callback.tracker import EarlyStoppingCallback, ReduceLROnPlateau
 from fastai.learner import Recorder, ValueMetric
 from fastcore.basics import store_attr
 from fastcore.foundation import L
 
 from .data.tasks import EpisodeDL, shot_counts
-from .distributed import gather_episodes, shard_episodes
+from .distributed import gather_episodes, is_main, shard_episodes
 from .evaluate import EpisodeScorer, EvalResult, EvalResults
 from .features import extract_features, model_device
 
-__all__ = ['EpisodicEval', 'TaskAccuracy', 'StopOnNaN', 'AMP']
+__all__ = ['EpisodicEval', 'TaskAccuracy', 'StopOnNaN', 'AMP', 'DDPReduceLROnPlateau', 'DDPEarlyStopping']
 
 
 class EpisodicEval(Callback):
@@ -154,3 +157,18 @@ class AMP(MixedPrecision):
 
     def _exit(self):
         if self.entered: self.autocast.__exit__(None, None, None); self.entered = False
+
+
+class _MainPrints:
+    "A fastai tracker that decides on every process, its message printed by rank 0 alone."
+    def after_epoch(self):
+        # every rank holds the same gathered metrics, so all decide alike; one line in the log, not one per rank
+        with nullcontext() if is_main() else redirect_stdout(io.StringIO()): super().after_epoch()
+
+
+class DDPReduceLROnPlateau(_MainPrints, ReduceLROnPlateau):
+    "fastai's `ReduceLROnPlateau`; under torch.distributed rank 0 alone prints."
+
+
+class DDPEarlyStopping(_MainPrints, EarlyStoppingCallback):
+    "fastai's `EarlyStoppingCallback`; under torch.distributed rank 0 alone prints."

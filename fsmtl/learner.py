@@ -14,13 +14,12 @@ from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import ParamScheduler
 from fastai.callback.training import BnFreeze
 from fastai.data.core import DataLoaders
-from fastai.callback.tracker import EarlyStoppingCallback, ReduceLROnPlateau
 from fastai.learner import Learner, Recorder
 from fastai.optimizer import SGD, Adam, OptimWrapper, RAdam
 from fastcore.basics import patch
 from fastcore.meta import delegates
 
-from .callbacks import AMP, EpisodicEval, StopOnNaN, TaskAccuracy
+from .callbacks import AMP, DDPEarlyStopping, DDPReduceLROnPlateau, EpisodicEval, StopOnNaN, TaskAccuracy
 from .data.core import FewShotSplits, Split
 from .data.tasks import local_labels
 from .distributed import MTLDistributedTrainer, rank, world
@@ -182,8 +181,8 @@ def plateau_cbs(patience: int = 4,         # epochs without a gain in `monitor` 
                 stop_patience: int = 15,   # epochs without a gain before training stops
                 monitor: str = 'episodic_acc'):  # the metric watched
     "The original code's plateau schedule as fastai callbacks."
-    return [ReduceLROnPlateau(monitor=monitor, comp=np.greater, patience=patience, factor=factor),
-            EarlyStoppingCallback(monitor=monitor, comp=np.greater, patience=stop_patience)]
+    return [DDPReduceLROnPlateau(monitor=monitor, comp=np.greater, patience=patience, factor=factor),
+            DDPEarlyStopping(monitor=monitor, comp=np.greater, patience=stop_patience)]
 
 
 def step_sched(lr: float,      # the initial learning rate

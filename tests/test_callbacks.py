@@ -55,10 +55,12 @@ def test_save_model_keeps_the_best_episodic_acc(learner, tmp_path):
     assert again.mean == pytest.approx(max(accs), abs=1e-6)
 
 
-def test_plateau_and_early_stopping_monitor_it_by_name(learner):
+@pytest.mark.parametrize('main', [True, False], ids=['rank0', 'rank1'])
+def test_plateau_and_early_stopping_monitor_it_by_name(learner, monkeypatch, capsys, main):
     # a frozen backbone keeps the features, so episodic_acc stays flat and both trackers must act on it
-    learn = learner(ReduceLROnPlateau(monitor='episodic_acc', comp=np.greater, patience=1, factor=10),
-                    EarlyStoppingCallback(monitor='episodic_acc', comp=np.greater, patience=2))
+    monkeypatch.setattr(C, 'is_main', lambda: main)
+    learn = learner(C.DDPReduceLROnPlateau(monitor='episodic_acc', comp=np.greater, patience=1, factor=10),
+                    C.DDPEarlyStopping(monitor='episodic_acc', comp=np.greater, patience=2))
     for p in learn.model.backbone.parameters(): p.requires_grad_(False)
     for m in learn.model.backbone.modules():
         if isinstance(m, torch.nn.BatchNorm2d): m.momentum = 0.   # running statistics stay as they are too
@@ -66,6 +68,11 @@ def test_plateau_and_early_stopping_monitor_it_by_name(learner):
     accs = column(learn, 'episodic_acc')
     assert len(accs) == 3 and len(set(accs)) == 1   # stopped after two epochs without a gain
     assert learn.opt.hypers[-1]['lr'] == pytest.approx(1e-4)   # divided by 10 after each epoch without a gain
+    # fastai's messages, from rank 0 only: the other processes act alike in silence
+    out = capsys.readouterr().out
+    assert (out.count('reducing lr'), out.count('No improvement since epoch')) == ((2, 1) if main else (0, 0)), out
+    assert isinstance(learn.ddp_reduce_lr_on_plateau, ReduceLROnPlateau) and isinstance(learn.ddp_early_stopping,
+                                                                                         EarlyStoppingCallback)
 
 
 def test_every_and_lr_find(learner, monkeypatch):
