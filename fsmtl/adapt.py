@@ -10,6 +10,7 @@ from torch import nn
 
 from .data.transforms import BatchColorJitter, BatchCropFlip, lee19_padding
 from .data.tasks import shot_counts
+from .distributed import gather_episodes, shard_episodes
 from .evaluate import EpisodeScorer
 from .features import _forward, extract_features, feature_model, model_device
 
@@ -74,8 +75,10 @@ def finetuned_accuracy(model,              # a backbone, or a model with a `back
     norm = next(t for t in dl.after_batch.fs if isinstance(t, Normalize))   # the loader's own normalisation
     mean, std = norm.mean.flatten().tolist(), norm.std.flatten().tolist()
     seed = dl.seed if seed is None else seed
+    # under torch.distributed each process fine-tunes on its share of the episodes, each episode with its own seed
+    dl = shard_episodes(dl)
+    k = dl.shard[0] if getattr(dl, 'shard', None) is not None else 0
     scorers = {s: EpisodeScorer(dl.ways, dl.per_class, dl.queries, [s], probe) for s in counts}
-    k = 0
     for x, _ in (progress_bar(dl, leave=False) if progress else dl):
         for ep in x.as_subclass(torch.Tensor).view(-1, dl.ways, dl.per_class, *x.shape[1:]):
             for s in counts:
@@ -84,4 +87,4 @@ def finetuned_accuracy(model,              # a backbone, or a model with a `back
                 tuned = finetune_copy(backbone, sup, y, mean, std, steps, lr, seed=seed + k)
                 scorers[s].add(extract_features(tuned, ep.flatten(0, 1), chunk))
             k += 1
-    return {s: sc.result()[s] for s, sc in scorers.items()}
+    return gather_episodes({s: sc.result()[s] for s, sc in scorers.items()}, dl)

@@ -22,6 +22,8 @@ CHANNELS = (8, 16, 16, 32)
 STEP = dict(train_ways=5, train_shots=2, train_queries=2, meta_batch_size=4, epoch_length=4, test_ways=5, test_shots=1,
             test_queries=2, val_episodes=6, test_episodes=1)
 EVAL = dict(split='val', ways=5, shots=(1, 5), queries=5, episodes=11, seed=3)
+# test-time fine-tuning, sharded too: one episode per batch (chunk), so the two ranks take 3 and 2 of the 5
+TUNED = dict(EVAL, episodes=5, finetune_steps=2, finetune_lr=0.05, chunk=50)
 LR = 0.1
 
 
@@ -38,13 +40,19 @@ def parts(out, root):
     torch.manual_seed(0)
     backbone, _ = create_backbone('resnet12', channels=CHANNELS)
     accs = {s: r.accs for s, r in evaluate(backbone, splits, progress=False, **EVAL).items()}
+    import fsmtl.adapt
+    copies, copy = [], fsmtl.adapt.finetune_copy
+    fsmtl.adapt.finetune_copy = lambda *a, **k: (copies.append(1), copy(*a, **k))[1]
+    tuned = {s: r.accs for s, r in evaluate(backbone, splits, progress=False, **TUNED).items()}
+    tuned['copies'] = len(copies)
+    fsmtl.adapt.finetune_copy = copy
     dls = mtl_dls(splits, augment=False, device='cpu', **STEP)
     set_seed(0)
     learn = quiet(mtl_learner(dls, arch_kwargs=dict(channels=CHANNELS, drop_rate=0.), opt='sgd', lr=LR, cbs=[Batches()]))
     init = {k: v.clone() for k, v in learn.model.state_dict().items()}
     set_seed(rank_seed(0, rank()))   # each process draws its own tasks, as `train` does
     with learn.distrib_ctx(sync_bn=False): learn.fit(1)
-    seen = dict(accs=accs, init=init, batches=learn.batches.seen, final={k: v.clone() for k, v in learn.model.state_dict().items()},
+    seen = dict(accs=accs, tuned=tuned, init=init, batches=learn.batches.seen, final={k: v.clone() for k, v in learn.model.state_dict().items()},
                 history=learn.recorder.history().to_dict('list'))
     # an epoch with the backbone frozen (no gradients for DDP to wait for), then one with all of it
     with learn.distrib_ctx(sync_bn=False): learn.fit(2, cbs=[FrozenEpochs(1)])

@@ -61,6 +61,11 @@ def test_episodic_accuracy_of_two_processes_is_one_process_s_episode_by_episode(
         for s, r in one.items():
             assert len(p['accs'][s]) == W.EVAL['episodes']
             np.testing.assert_array_equal(p['accs'][s], r.accs)   # exactly, episode by episode, on both ranks
+    # with test-time fine-tuning: each rank tunes its share of the episodes, each with the seed one process gives it
+    tuned = evaluate(backbone, glyph_splits, progress=False, **W.TUNED)
+    for p in parts:
+        for s, r in tuned.items(): np.testing.assert_allclose(p['tuned'][s], r.accs, atol=1e-6)
+    assert [p['tuned']['copies'] for p in parts] == [3 * 2, 2 * 2]   # episodes x shot counts, on each rank
 
 
 def test_one_step_on_two_processes_is_one_process_step_on_all_the_tasks(parts, glyph_splits):
