@@ -10,7 +10,7 @@ from fastprogress.fastprogress import progress_bar
 from torch import nn
 
 from .data.tasks import shot_counts
-from .evaluate import EvalResult, EvalResults, episode_loader
+from .evaluate import EvalResults, episode_loader
 from .features import extract_features, model_device
 from .learner import MTLLearner, mtl_learner
 
@@ -380,5 +380,5 @@ def native_evaluate(model,                 # a model of `meta_model`
     dl = episode_loader(source, split, counts[-1], model_device(model), chunk, ways=ways, queries=queries, n=episodes,
                         seed=seed)
     accs = native_accuracy(model, dl, counts, chunk, progress)
-    results = EvalResults({s: EvalResult(a, dl.ways, s, dl.queries) for s, a in accs.items()})
+    results = EvalResults.of(accs, dl)
     return results if not isinstance(shots, int) else results[shots]

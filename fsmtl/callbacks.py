@@ -15,7 +15,7 @@ from fastcore.foundation import L
 
 from .data.tasks import EpisodeDL, shot_counts
 from .distributed import gather_episodes, is_main, shard_episodes
-from .evaluate import EpisodeScorer, EvalResult, EvalResults
+from .evaluate import EpisodeScorer, EvalResults
 from .features import extract_features, model_device
 
 __all__ = ['EpisodicEval', 'TaskAccuracy', 'StopOnNaN', 'AMP', 'DDPReduceLROnPlateau', 'DDPEarlyStopping']
@@ -88,7 +88,7 @@ class EpisodicEval(Callback):
         if self._quiet is not None: self._quiet.__exit__(None, None, None); self._quiet = None
         if self.scorer is None: return
         accs, dl, self.scorer = self.scorer.result(), self.learn.dl, None
-        self.results = EvalResults({s: EvalResult(a, dl.ways, s, dl.queries) for s, a in gather_episodes(accs, dl).items()})
+        self.results = EvalResults.of(gather_episodes(accs, dl), dl)
         self.value = {n: v for s, r in self.results.items() for n, v in zip(self._names(s), (r.mean, r.ci95))}
 
 

@@ -52,6 +52,12 @@ class EvalResults(dict):
     "`EvalResult`s by shot count, one line each."
     def __repr__(self): return '\n'.join(str(r) for r in self.values())
 
+    @classmethod
+    def of(cls, accs,  # per-episode accuracies by shot count
+           dl):        # the `EpisodeDL` they were scored on
+        "The results of per-episode accuracies `accs` on `dl`'s episodes."
+        return cls({s: EvalResult(a, dl.ways, s, dl.queries) for s, a in accs.items()})
+
 
 class EpisodeScorer:
     "Scores episodes' features with a probe, batch by batch."
@@ -195,5 +201,5 @@ def evaluate(learn_or_model,                 # a `Learner`, a model with a `back
         from .adapt import finetuned_accuracy   # it builds on this module's scorer
         accs = finetuned_accuracy(model, dl, counts, probe, finetune_steps, finetune_lr, chunk, progress=progress)
     else: accs = episodic_accuracy(model, dl, counts, probe=probe, chunk=chunk, group=group, progress=progress)
-    results = EvalResults({s: EvalResult(a, dl.ways, s, dl.queries) for s, a in accs.items()})
+    results = EvalResults.of(accs, dl)
     return results if not isinstance(shots, int) else results[shots]

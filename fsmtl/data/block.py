@@ -84,8 +84,9 @@ def mtl_dls(name_or_splits='glyphs',      # a benchmark name for `get_benchmark`
         get_benchmark(name_or_splits, root=root, download=download, **kwargs)
     if size is not None:
         for s in SPLITS: splits[s].size = size
-    final = shot_counts([*shot_counts(final_shots), *shot_counts(test_shots)])
-    shots = dict(val=shot_counts(test_shots)[-1], test=final[-1])
+    val = shot_counts(test_shots)
+    final = shot_counts({*shot_counts(final_shots), *val})
+    shots = dict(val=val[-1], test=final[-1])
     check_task_size(splits.train, train_ways, train_shots + train_queries, 'train', splits.name)
     for s in ('val', 'test'): check_task_size(splits[s], test_ways, shots[s] + test_queries, s, splits.name)
     if meta_batch_size < 1 or epoch_length < meta_batch_size:
