@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fsmtl-installed
 
-.PHONY: install test pytest nbtest train bench clean
+.PHONY: install test quicktest pytest nbtest train bench clean
 
 # The stamp is newer than every file that decides what gets installed, so a second run installs nothing.
 $(STAMP): settings.ini setup.py tools/install.sh
@@ -20,8 +20,15 @@ $(TIMM_TESTS): | $(STAMP)
 	tar -xzf .cache/timm-$(TIMM).tar.gz -C .cache
 	touch $@
 
+# Two workers, one torch thread each (tests/conftest.py); a test file stays on one worker, so its fixtures are made once.
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
+
 pytest: $(STAMP) $(TIMM_TESTS)
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
+
+# the tests that neither train nor start subprocesses: under 3 minutes, for working on the code
+quicktest: $(STAMP)
+	$(PYTEST) -m "not slow" tests
 
 nbtest: $(STAMP)
 	$(VENV)/bin/nbdev_test --path nbs --n_workers 1

@@ -1,4 +1,5 @@
 "Fixtures shared by the tests: a local HTTP server that stands in for the download mirrors."
+import os
 import threading
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -72,11 +73,15 @@ def glyph_splits(glyph_root):
     return glyphs(glyph_root, progress=False)
 
 
+# Torch threads of the tests that train: one, unless FSMTL_TEST_THREADS says otherwise (the margins are checked under 1 and 2).
+TEST_THREADS = int(os.environ.get('FSMTL_TEST_THREADS', '1'))
+
+
 @contextmanager
 def one_torch_thread():
-    "One torch thread: on a busy 2-core machine, thread hand-offs cost small models and batched solves ~10x their time."
+    "`TEST_THREADS` torch threads: on a busy 2-core machine, thread hand-offs cost small models and solves ~10x their time."
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)
     try: yield
     finally: torch.set_num_threads(n)
 

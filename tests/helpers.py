@@ -1,4 +1,7 @@
-"Synthetic benchmarks for tests: every image carries its split, class and index in its first pixels."
+"Synthetic benchmarks for tests (every image carries its split, class and index in its first pixels) and paired statistics."
+import json
+import os
+
 import numpy as np
 import timm
 import torch
@@ -61,3 +64,31 @@ def draw_shape(name, rng, size=32):
         for t in {'cross': [0, np.pi / 2], 'x': [np.pi / 4, 3 * np.pi / 4], 'bar': [0], 'vbar': [np.pi / 2]}[name]:
             d.line([(cx - r * np.cos(t), cy - r * np.sin(t)), (cx + r * np.cos(t), cy + r * np.sin(t))], fill=fg, width=4)
     return im.convert('RGB')
+
+
+# The seed of the tests that train: `FSMTL_TEST_SEED=1 make test` checks that their margins do not hang on one seed.
+TEST_SEED = int(os.environ.get('FSMTL_TEST_SEED', '0'))
+
+
+def paired_gain(better,  # per-episode accuracies of the method that should win
+                worse):  # per-episode accuracies of the other, on the same episodes in the same order
+    "Mean and 95% CI half-width (1.96 std / sqrt(n), ddof=1) of the per-episode difference `better - worse`."
+    d = np.asarray(better, np.float64) - np.asarray(worse, np.float64)
+    assert d.ndim == 1 and len(d) > 1, "a paired comparison needs two accuracies per episode of at least two episodes"
+    return float(d.mean()), float(1.96 * d.std(ddof=1) / np.sqrt(len(d)))
+
+
+def assert_gain(name,              # what is compared, for the message and the margins file
+                better, worse,     # per-episode accuracies on the same episodes
+                min_gain=0.):      # the smallest mean gain that counts
+    "Assert that `better` beats `worse` on the same episodes: the paired gain above `min_gain` by more than its CI."
+    # Settings are chosen so that the gain is several times its CI; the margin (gain / CI) of every call is appended
+    # to the file `FSMTL_MARGINS` names, so a run under other threads and seeds can be read off.
+    gain, ci = paired_gain(better, worse)
+    margin = (gain - min_gain) / ci if ci > 0 else float('inf')
+    if os.environ.get('FSMTL_MARGINS'):
+        with open(os.environ['FSMTL_MARGINS'], 'a') as f:
+            f.write(json.dumps(dict(test=name, gain=gain, ci95=ci, margin=margin, seed=TEST_SEED,
+                                    threads=torch.get_num_threads())) + '\n')
+    assert margin > 1, f"{name}: paired gain {100 * gain:.2f} ± {100 * ci:.2f} points, margin {margin:.2f} (needs > 1)"
+    return margin

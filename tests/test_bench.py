@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.usefixtures('one_thread')
+pytestmark = [pytest.mark.usefixtures('one_thread'), pytest.mark.slow]
 ROOT = Path(__file__).parents[1]
 NUM = r'([0-9.]+(?:e[+-]?\d+)?)'
 

@@ -34,6 +34,7 @@ def column(learn, name):
     return [v[learn.recorder.metric_names[1:].index(name)] for v in learn.recorder.values]
 
 
+@pytest.mark.slow
 def test_save_model_keeps_the_best_episodic_acc(learner, tmp_path):
     learn = learner(SaveModelCallback(monitor='episodic_acc', comp=np.greater, fname='best'), shots=(1, 5))
     learn.fit(3, 3e-3)
@@ -55,6 +56,7 @@ def test_save_model_keeps_the_best_episodic_acc(learner, tmp_path):
     assert again.mean == pytest.approx(max(accs), abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('main', [True, False], ids=['rank0', 'rank1'])
 def test_plateau_and_early_stopping_monitor_it_by_name(learner, monkeypatch, capsys, main):
     # a frozen backbone keeps the features, so episodic_acc stays flat and both trackers must act on it
@@ -75,6 +77,7 @@ def test_plateau_and_early_stopping_monitor_it_by_name(learner, monkeypatch, cap
                                                                                          EarlyStoppingCallback)
 
 
+@pytest.mark.slow
 def test_every_and_lr_find(learner, monkeypatch):
     calls = []
     add = C.EpisodeScorer.add

@@ -74,6 +74,7 @@ def test_folder_link_loop(tmp_path, capsys):
 
 
 # ---- row 8: a truncated JPEG in a class folder
+@pytest.mark.slow
 def test_folder_truncated_jpeg(tmp_path):
     root = tmp_path / 'imgs'
     for c in range(5): jpegs(root / f'c{c}', 6, (50 * c, 100, 100), seed=c)
@@ -113,6 +114,7 @@ def predict_files(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_predict_skips_corrupt_queries(predict_files, tmp_path):
     root = predict_files
     query = tmp_path / 'query'

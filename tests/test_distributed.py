@@ -23,7 +23,7 @@ from fsmtl.train import evaluate_checkpoint
 from test_faults import TINY, env, finish, flags, rows, same_run
 import ddp_worker as W
 
-pytestmark = pytest.mark.usefixtures('one_thread')
+pytestmark = [pytest.mark.usefixtures('one_thread'), pytest.mark.slow]
 HERE = Path(__file__).parent
 
 

@@ -98,6 +98,7 @@ def straight(glyph_root, tmp_path_factory):
     return opts, runs, out
 
 
+@pytest.mark.slow
 def test_output_to_a_file_is_the_epoch_table(straight):
     # a scheduler's log or `> log.txt`: the table and its lines, no progress bars redrawn into the file
     out = straight[2]
@@ -121,6 +122,7 @@ def same_run(a, b):
     assert ra['test'] == rb['test'] and ra['best_epoch'] == rb['best_epoch']
 
 
+@pytest.mark.slow
 def test_kill_9_in_epoch_2_then_resume_from_the_shell_with_bars(straight):
     # rows 1 and 2: resumed under a terminal (bars drawn), it continues to the uninterrupted run's history and weights
     opts, runs, _ = straight
@@ -133,6 +135,7 @@ def test_kill_9_in_epoch_2_then_resume_from_the_shell_with_bars(straight):
     same_run(runs / 'cut', runs / 'straight')
 
 
+@pytest.mark.slow
 def test_kill_9_during_the_final_test_then_resume_writes_the_results(straight):
     # row 3: nothing is left to train, so the resumed run only tests, writes results.json and exits 0
     opts, runs, _ = straight
@@ -154,6 +157,7 @@ def test_nothing_to_train_still_tests_and_negative_epochs_are_refused(glyph_root
     assert 'max_epochs must be at least 0, got -1' in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_by_run_name_touches_no_other_run(glyph_root, tmp_path, capsys):
     # row 5: run `a` was killed before its first checkpoint; `b` is another, finished run of the same log folder
     opts = TINY | dict(root=glyph_root, log_dir=tmp_path, max_epochs=1, progress=False)
@@ -167,6 +171,7 @@ def test_resume_by_run_name_touches_no_other_run(glyph_root, tmp_path, capsys):
     assert {f.name: f.stat().st_mtime_ns for f in (tmp_path / 'b').iterdir()} == before
 
 
+@pytest.mark.slow
 def test_two_runs_of_one_name_at_once(glyph_root, tmp_path):
     # row 6: the second is refused at once; the folder holds one run, consistent in every file
     opts = dict(TINY, root=glyph_root, log_dir=tmp_path, run_name='twin', max_epochs=2)
@@ -206,6 +211,7 @@ def test_bad_numbers_are_refused_before_any_work(tmp_path, monkeypatch, capsys, 
     assert not list(tmp_path.iterdir())   # not even the run folder
 
 
+@pytest.mark.slow
 def test_a_full_disk_names_the_file_and_keeps_the_last_good_checkpoint(glyph_root, tmp_path, monkeypatch):
     # row 12: the disk fills while epoch 2's checkpoints are written
     real_fsync, full = os.fsync, threading.Event()

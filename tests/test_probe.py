@@ -84,6 +84,7 @@ def episode_data(glyph_features, shots, ways=WAYS, n=EPISODES):
 def np64(t): return t.double().numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('shots', [5, 1])
 def test_logistic_matches_sklearn_on_real_features(glyph_features, shots):
     xs, ys, xq, yq = episode_data(glyph_features, shots)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 README = (Path(__file__).parents[1] / 'README.md').read_text()
+pytestmark = pytest.mark.slow   # the README's own runs, as written
 BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, flags=re.S)
 
 

@@ -26,6 +26,7 @@ def outcomes(junit: Path) -> dict:
             for case in ET.parse(junit).iter('testcase')}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_timm_model_suite(tmp_path):
     if not SUITE.is_file():
