@@ -1,4 +1,4 @@
-"""Training images a second of 1 and N processes on torch.distributed (fastai's `distrib_ctx`), and the scaling efficiency.
+"""Training images a second of 1 process and of N under torchrun (fastai's `distrib_ctx`), and the scaling efficiency.
 
 Each process trains the same `mtl_learner` (ResNet-12, `--channels` wide) on the same batch a process: `--tasks` 5-way
 tasks of 5 + 5 random `--size`-pixel images of 64 base classes held in memory, Lee19-augmented on its device. One
@@ -7,7 +7,10 @@ process `--tasks` of them, gradients averaged by DDP. Each run trains two epochs
 the second is timed from a barrier before its first step to one after its last. Images a second count the images of
 all processes; the efficiency is rate(N) / (N * rate(1)), 1 for perfect scaling.
 On a CPU machine the N processes share its cores: the ratio then only shows that the path works, not how it scales.
-On N GPUs (one a process) it measures.
+On N GPUs (one a process) it measures. The N processes are launched by torchrun even when N is 1, and a lone process
+under torchrun is put on the data-parallel path (fsmtl's `MTLDistributedTrainer`), which `fsmtl train` leaves out for
+one process: `--nproc 1` then runs that path (a process group, NCCL on a GPU, gloo on the CPU, and DDP) on one device
+and measures what it costs. The torchrun run's process group and model wrapper are printed beside its rate.
 Run: `python bench/ddp.py [--nproc N] [--channels 64,160,320,640] [--tasks T] [--steps S] [--size PX]`.
 """
 import argparse
@@ -24,7 +27,7 @@ from fastai.callback.core import Callback, CancelValidException
 
 from _common import sync, synthetic_splits
 from fsmtl.data.block import mtl_dls
-from fsmtl.distributed import init_distributed, is_main, world
+from fsmtl.distributed import MTLDistributedTrainer, init_distributed, is_main, world
 from fsmtl.features import model_device
 from fsmtl.learner import mtl_learner
 from fsmtl.runlog import quiet
@@ -33,8 +36,10 @@ WAYS, PER_CLASS = 5, 10
 
 
 class Clock(Callback):
-    "Time the training of the last epoch, between barriers, and skip validation."
+    "Time the training of the last epoch, between barriers, and skip validation; note the process group and the model's wrapper."
     def before_train(self):
+        self.group = dist.get_backend() if dist.is_initialized() else 'none'
+        self.wrapper = type(self.learn.model).__name__
         if self.epoch != self.n_epoch - 1: return
         self._wait()
         self.t0 = time.perf_counter()
@@ -61,19 +66,26 @@ def worker(args):
     torch.manual_seed(0)
     learn = quiet(mtl_learner(dls, arch_kwargs=dict(channels=args.channels), cbs=[Clock()]))
     learn.remove_cb(learn.episodic_eval)
-    with learn.distrib_ctx(sync_bn=False): learn.fit(2)
-    if is_main(): print(f"rate: {tasks * WAYS * PER_CLASS * args.steps / learn.clock.seconds:.2f} images/s on {n} process(es)")
+    with learn.distrib_ctx(sync_bn=False):
+        # fsmtl trains a lone process as it is, even under torchrun; the bench puts it on the data-parallel path anyway,
+        # so that one device runs that path (process group, DDP) and measures what it costs
+        if 'LOCAL_RANK' in os.environ and n == 1: learn.add_cb(MTLDistributedTrainer(sync_bn=False))
+        learn.fit(2)
+    if is_main():
+        print(f"rate: {tasks * WAYS * PER_CLASS * args.steps / learn.clock.seconds:.2f} images/s on {n} process(es)")
+        print(f"process group: {learn.clock.group}, model: {learn.clock.wrapper}")
 
 
-def run(args, nproc):
-    "Images a second of a run on `nproc` processes (one process: no launcher)."
+def run(args, nproc=None):
+    "Images a second of a run on `nproc` processes under torchrun, and its process group; `None`: one process, no launcher."
     me = [str(Path(__file__)), '--worker', '--channels', ','.join(map(str, args.channels)), '--tasks', str(args.tasks),
           '--steps', str(args.steps), '--size', str(args.size)]
-    launch = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(nproc)] if nproc > 1 else []
+    launch = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(nproc)] if nproc else []
     res = subprocess.run([sys.executable, *launch, *me], capture_output=True, text=True, env=dict(os.environ))
     found = re.findall(r'rate: ([0-9.]+) images/s', res.stdout)
-    if res.returncode or not found: sys.exit(f"the {nproc}-process run failed:\n{res.stdout[-2000:]}{res.stderr[-3000:]}")
-    return float(found[0])
+    what = f"the {nproc}-process torchrun run" if nproc else "the 1-process run"
+    if res.returncode or not found: sys.exit(f"{what} failed:\n{res.stdout[-2000:]}{res.stderr[-3000:]}")
+    return float(found[0]), re.findall(r'process group: .*', res.stdout)[0]
 
 
 def main():
@@ -86,9 +98,9 @@ def main():
     p.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker: return worker(args)
-    one, many = run(args, 1), run(args, args.nproc)
+    (one, _), (many, group) = run(args), run(args, args.nproc)
     where = f"{torch.cuda.device_count()} GPU(s)" if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores (shared: the path, not scaling)"
-    print(f"1 process: {one:.1f} images/s\n{args.nproc} processes: {many:.1f} images/s, on {where}")
+    print(f"1 process: {one:.1f} images/s\n{args.nproc} process(es) under torchrun: {many:.1f} images/s ({group}), on {where}")
     print(f"ratio: {many / (args.nproc * one):.3f}")
 
 
