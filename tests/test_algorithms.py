@@ -152,6 +152,7 @@ SETTINGS = dict(protonet=dict(lr=1e-2, max_epochs=3), r2d2=dict(lr=1e-2, max_epo
                 maml=dict(adaptation_lr=0.1, first_order=True), metaoptnet=dict(lr=1e-2, max_epochs=3))
 
 
+@pytest.mark.statistical
 @pytest.mark.slow
 @pytest.mark.parametrize('algorithm', list(SETTINGS) if HAS_QPTH else [a for a in SETTINGS if a != 'metaoptnet'])
 def test_each_algorithm_learns_on_glyphs(glyph_root, tmp_path, algorithm):

@@ -202,6 +202,7 @@ def test_train_with_pretrained_weights_and_frozen_epochs(weights, glyph_root, tm
     assert FewShotClassifier.load(tmp_path / 'clf.pth')._input() == clf._input()
 
 
+@pytest.mark.statistical
 @pytest.mark.slow
 def test_fine_tune_from_pretrained_beats_from_scratch(glyph_splits, tmp_path):
     # "pretrained" weights: a small resnet10t trained briefly on glyphs by MTL

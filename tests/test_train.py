@@ -39,6 +39,7 @@ def trained(glyph_root, tmp_path_factory):
     return train(**small(glyph_root, tmp, baseline=True, max_epochs=4, epoch_length=60)), tmp
 
 
+@pytest.mark.statistical
 @pytest.mark.slow
 def test_a_short_run_learns_and_keeps_its_best_checkpoint(trained, glyph_root):
     res, tmp = trained
