@@ -78,14 +78,13 @@ def paired_gain(better,  # per-episode accuracies of the method that should win
     return float(d.mean()), float(1.96 * d.std(ddof=1) / np.sqrt(len(d)))
 
 
-def assert_gain(name,              # what is compared, for the message and the margins file
-                better, worse,     # per-episode accuracies on the same episodes
-                min_gain=0.):      # the smallest mean gain that counts
-    "Assert that `better` beats `worse` on the same episodes: the paired gain above `min_gain` by more than its CI."
+def assert_gain(name,           # what is compared, for the message and the margins file
+                better, worse):  # per-episode accuracies on the same episodes
+    "Assert that `better` beats `worse` on the same episodes: a paired gain larger than its 95% CI."
     # Settings are chosen so that the gain is several times its CI; the margin (gain / CI) of every call is appended
     # to the file `FSMTL_MARGINS` names, so a run under other threads and seeds can be read off.
     gain, ci = paired_gain(better, worse)
-    margin = (gain - min_gain) / ci if ci > 0 else float('inf')
+    margin = gain / ci if ci > 0 else float('inf')
     if os.environ.get('FSMTL_MARGINS'):
         with open(os.environ['FSMTL_MARGINS'], 'a') as f:
             f.write(json.dumps(dict(test=name, gain=gain, ci95=ci, margin=margin, seed=TEST_SEED,

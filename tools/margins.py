@@ -34,7 +34,7 @@ table['smallest margin'] = rows.groupby('test').margin.min().round(2)
 cols = ['test', *table.columns]
 lines = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
 lines += ['| ' + ' | '.join([str(t), *map(str, r)]) + ' |' for t, r in zip(table.index, table.values)]
-md = ("Paired gain in points ± its 95% CI (margin = gain above the test's floor / CI)\n\n" + '\n'.join(lines) +
+md = ("Paired gain in points ± its 95% CI (margin = gain / CI)\n\n" + '\n'.join(lines) +
       f"\n\nsmallest margin: {rows.margin.min():.2f}\n")
 print(md)
 if args.out: args.out.write_text(md)
