@@ -30,8 +30,9 @@ pytest: $(STAMP) $(TIMM_TESTS)
 quicktest: $(STAMP)
 	$(PYTEST) -m "not slow" tests
 
+# two notebooks at a time, one torch thread each, as the tests run
 nbtest: $(STAMP)
-	$(VENV)/bin/nbdev_test --path nbs --n_workers 1
+	OMP_NUM_THREADS=1 $(VENV)/bin/nbdev_test --path nbs --n_workers 2 --timing
 
 test: pytest nbtest
 
