@@ -11,6 +11,7 @@ from torch import nn
 from .adapt import finetune_copy
 from .checkpoint import backbone_from_checkpoint, read_checkpoint, save_atomic
 from .data.core import _decode
+from .data.images import rgb
 from .data.transforms import BatchResize
 from .features import extract_features, feature_model, model_device
 from .probe import get_probe
@@ -49,7 +50,7 @@ def _image(im, size: int) -> torch.Tensor:
                                                   "images as (3, H, W) tensors in 0..1")
         im = Image.fromarray(im[..., 0] if im.ndim == 3 and im.shape[-1] == 1 else im)
     if isinstance(im, Image.Image):
-        im = im.convert('RGB')
+        im = rgb(im)
         if im.size != (size, size): im = im.resize((size, size), Image.BILINEAR)
         im = np.asarray(im)
     elif isinstance(im, (str, Path, bytes)): im = _decode(im, size)
