@@ -1,4 +1,5 @@
 "ResNet-12 of the few-shot papers (RFS, MetaOptNet), registered with timm as 'resnet12'."
+import numbers
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -135,7 +136,8 @@ class ResNet12(nn.Module):
                  device=None,                        # where to create the weights (timm's factory passes it)
                  dtype=None):                        # their dtype
         super().__init__()
-        if len(channels) != 4: raise ValueError(f"channels must give the widths of 4 stages, got {tuple(channels)}")
+        if len(channels) != 4 or not all(isinstance(c, numbers.Integral) and c > 0 for c in channels):
+            raise ValueError(f"channels must give the widths of 4 stages, positive whole numbers, got {tuple(channels)}")
         dd = dict(device=device, dtype=dtype)
         self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
         self.dropblock_size, self.dropblock_ramp, self.grad_checkpointing = dropblock_size, dropblock_ramp, False
