@@ -2,8 +2,6 @@
 from __future__ import annotations
 import dataclasses
 import difflib
-import errno
-import json
 import math
 import sys
 import time
@@ -29,6 +27,7 @@ from .files import RunLock
 from .pretrained import FrozenEpochs
 from .probe import get_probe
 from .runlog import RunCSVLogger, quiet, tensorboard_cb, wandb_cb, write_json
+from .runs import check_unused, resume_hint, resume_source, resumed_config, run_folder
 
 __all__ = ['OPTIONS', 'ALGORITHMS', 'SCHEDULERS', 'RECIPES', 'recipe_command', 'TrainResult', 'train', 'evaluate_checkpoint']
 
@@ -247,80 +246,16 @@ def _final_test(model, source, cfg, progress) -> EvalResults:
     return evaluate(model, source, 'test', shots=shots, probe=get_probe(cfg['test_method'], cfg['test_l2']), **episodes)
 
 
-# what a run writes in its folder: a folder holding any of them holds a run, which a new run must not overwrite
-RUN_FILES = ('last.pth', 'best.pth', 'results.json', 'history.csv', 'config.json', 'tensorboard', 'wandb')
-# options a resumed run may change: where things are, how it is shown and logged, its final test, and more epochs;
-# any other changes how the remaining epochs train, so the run would no longer be one run
-RESUME_MAY_CHANGE = ('root', 'log_dir', 'run_name', 'load_path', 'resume', 'gpu', 'num_workers', 'progress', 'no_log',
-                     'wandb', 'baseline', 'final_test_epoch_length', 'max_epochs')
-
-
-def _run_dir(cfg) -> Path:
-    "The folder of a run: `log_dir`/`run_name`, by default dataset-model-date-time."
-    name = cfg['run_name'] or f"{cfg['dataset']}-{cfg['model']}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if not isinstance(name, str) or Path(name).name != name or name == '..':
-        raise ValueError(f"run_name must be the name of one folder in log_dir, got {name!r}: give a name without '/' "
-                         "(such as 'mtl-5shot'), and choose where runs go with log_dir")
-    # absolute, because fastai's loggers put relative names under the learner's path
-    return (Path(cfg['log_dir']).expanduser() / name).resolve()
-
-
-def _resume_source(cfg) -> Path:
-    "The run folder to resume."
-    # `load_path`'s, else `log_dir`/`run_name`, else the run in `log_dir` whose last checkpoint is newest
-    if cfg['load_path']:
-        p = Path(cfg['load_path']).expanduser().resolve()
-        folder = p if p.is_dir() else p.parent
-    elif cfg['run_name']: folder = _run_dir(cfg)
-    else:
-        runs = sorted(Path(cfg['log_dir']).expanduser().glob('*/last.pth'), key=lambda f: f.stat().st_mtime)
-        if not runs: raise FileNotFoundError(f"resume: no run with a last.pth in {cfg['log_dir']}; name the run to resume "
-                                             "with --load_path (load_path=) or --run_name (run_name=)")
-        folder = runs[-1].parent.resolve()
-    if not (folder / 'last.pth').is_file():
-        raise FileNotFoundError(f"nothing to resume in {folder}: it holds no last.pth (a run writes one after its first "
-                                f"epoch); start the run again without resume, under another run_name or after deleting {folder}")
-    return folder
-
-
-def _plain(v):
-    "`v` as JSON gives it back, so that a tuple and a list, or a path and a string, compare equal."
-    return json.loads(json.dumps(v, default=str))
-
-
-def _resumed_config(given: dict, folder: Path, resumed: dict) -> dict:
-    "The configuration of a resumed run: its own, changed only where `RESUME_MAY_CHANGE`, the changes recorded."
-    old = _options({}, resumed['config'])
-    # the run's own load_path (the weights it started from, if any) stays on its record
-    changed = {k: v for k, v in given.items() if k not in ('resume', 'load_path') and _plain(v) != _plain(old[k])}
-    if fixed := [k for k in changed if k not in RESUME_MAY_CHANGE]:
-        was = ', '.join(f"--{k} {old[k]!r} (now {changed[k]!r})" for k in fixed)
-        raise ValueError(f"resume continues a run with its own settings; it was trained with {was}, and another value "
-                         f"would change how its remaining epochs train. Drop {', '.join('--' + k for k in fixed)}, or start "
-                         f"a new run from its weights: --load_path {folder / 'last.pth'} without --resume")
-    # finished: its results are of the last checkpoint (an older results.json stays while a longer run goes on)
-    done = folder / 'results.json'
-    if done.is_file() and json.loads(done.read_text()).get('epochs', resumed['epoch']) == resumed['epoch'] and \
-            changed.get('max_epochs', old['max_epochs']) <= old['max_epochs']:
-        raise ValueError(f"{folder} holds a finished run (results.json): test it again with fsmtl test --load_path {folder}, "
-                         f"or train it longer with --resume and --max_epochs above {old['max_epochs']}")
-    cfg = dict(old, **changed, resume=True)
-    # how the epochs before each resume were trained stays on record
-    record = dict(epoch=resumed['epoch'], changed=_plain({k: [old[k], v] for k, v in changed.items()}))
-    cfg['resumed'] = [*old.get('resumed', []), record]
-    return cfg
-
-
 def _configure(given: dict):
     "The run's checked configuration, and the checkpoint and folder it resumes."
     if not given.get('resume'):
         cfg = _options(given)
         _check(cfg)
-        return cfg, None, _run_dir(cfg)   # a new run resumes nothing
-    folder = _resume_source(_options(given))
+        return cfg, None, run_folder(cfg)   # a new run resumes nothing
+    folder = resume_source(_options(given))
     resumed = read_checkpoint(folder, prefer='last')
     own_rng_state(resumed)   # on as many processes as the run had, before any work
-    cfg = _resumed_config(given, folder, resumed)
+    cfg = resumed_config(given, _options({}, resumed['config']), folder, resumed['epoch'])
     _check(cfg)
     return cfg, resumed, folder
 
@@ -391,17 +326,8 @@ def train(dataset: str | None = None,  # a benchmark name; None: glyphs, or a re
     # rank 0's folder name (its clock's), and rank 0 alone holds the folder's lock
     run_dir = broadcast_object(folder)
     with RunLock(run_dir) if is_main() else nullcontext():
-        if resumed is None and (held := [f for f in RUN_FILES if (run_dir / f).exists()]):
-            fix = ("resume it (resume=True, --resume)" if 'last.pth' in held else
-                   "it has no last.pth to resume from: delete the folder to start it again")
-            raise FileExistsError(f"{run_dir} already holds a run ({', '.join(held)}): {fix}, or give this run another "
-                                  "run_name")
-        try: return _train_in(cfg, resumed, run_dir)
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT): raise
-            again = ("continue it with --resume (resume=True)" if (run_dir / 'last.pth').is_file() else
-                     f"nothing was saved to resume from: delete {run_dir} and start the run again")
-            raise OSError(e.errno, f"{e.strerror}; {again}") from e
+        if resumed is None: check_unused(run_dir)
+        with resume_hint(run_dir): return _train_in(cfg, resumed, run_dir)
 
 
 def _train_in(cfg, resumed, run_dir) -> TrainResult:

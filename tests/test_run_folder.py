@@ -49,12 +49,11 @@ def test_a_run_name_is_one_folder_in_log_dir(glyph_root, tmp_path, capsys):
     user = tmp_path / 'userdir'
     user.mkdir()
     (user / 'config.json').write_text('mine')
-    rc, out = shell('train', '--root', glyph_root, '--log_dir', tmp_path / 'runs', '--run_name', '../userdir',
-                    '--max_epochs', '1')
+    rc, out = shell('train', *flags(**TINY | dict(root=glyph_root, log_dir=tmp_path / 'runs', run_name='../userdir')))
     assert rc == 2 and 'Traceback' not in out, out[-3000:]
     assert "fsmtl train: run_name must be the name of one folder in log_dir, got '../userdir'" in out
     for name in ('.', '..', str(user), 'a/b'):
-        assert main(['train', '--root', str(glyph_root), '--log_dir', str(tmp_path / 'runs'), '--run_name', name]) == 2
+        assert main(['train', *flags(**TINY | dict(root=glyph_root, log_dir=tmp_path / 'runs', run_name=name))]) == 2
         assert 'run_name must be the name of one folder in log_dir' in capsys.readouterr().err
     assert files(user) == {'config.json': b'mine'} and not (tmp_path / 'runs').exists()
 
