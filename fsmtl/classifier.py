@@ -140,7 +140,8 @@ class FewShotClassifier:
             raise ValueError(f"{len(items)} support images but {len(labels)} labels: give one label per image")
         classes = list(dict.fromkeys(labels))   # in the order of first appearance
         # Python takes True for 1 and False for 0: as dict keys they would merge two classes
-        if merged := [f"{l!r} and {c!r}" for l in labels for c in classes if l == c and isinstance(l, bool) != isinstance(c, bool)]:
+        merged = [f"{l!r} and {c!r}" for l in labels for c in classes if l == c and isinstance(l, bool) != isinstance(c, bool)]
+        if merged:
             raise ValueError(f"labels {merged[0]} are one value in Python, so their images would be one class: give labels "
                              "of one type (all strings, or all numbers)")
         if len(classes) < 2:
