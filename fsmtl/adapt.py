@@ -5,7 +5,6 @@ import copy
 import torch
 import torch.nn.functional as F
 from fastai.data.transforms import Normalize
-from fastprogress.fastprogress import progress_bar
 from torch import nn
 
 from .data.transforms import BatchColorJitter, BatchCropFlip, lee19_padding
@@ -13,6 +12,7 @@ from .data.tasks import shot_counts
 from .distributed import gather_episodes, shard_episodes
 from .evaluate import EpisodeScorer
 from .features import _forward, extract_features, feature_model, model_device
+from .runlog import with_bar
 
 __all__ = ['scaled_padding', 'finetune_copy', 'finetuned_accuracy']
 
@@ -79,7 +79,7 @@ def finetuned_accuracy(model,              # a backbone, or a model with a `back
     dl = shard_episodes(dl)
     k = dl.shard[0] if getattr(dl, 'shard', None) is not None else 0
     scorers = {s: EpisodeScorer(dl.ways, dl.per_class, dl.queries, [s], probe) for s in counts}
-    for x, _ in (progress_bar(dl, leave=False) if progress else dl):
+    for x, _ in with_bar(dl, progress):
         for ep in x.as_subclass(torch.Tensor).view(-1, dl.ways, dl.per_class, *x.shape[1:]):
             for s in counts:
                 sup = ep[:, :s].flatten(0, 1)

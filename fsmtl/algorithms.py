@@ -6,13 +6,13 @@ import torch
 import torch.nn.functional as F
 from fastcore.basics import store_attr
 from fastcore.meta import delegates
-from fastprogress.fastprogress import progress_bar
 from torch import nn
 
 from .data.tasks import shot_counts
 from .evaluate import EvalResults, episode_loader
 from .features import extract_features, model_device
 from .learner import MTLLearner, mtl_learner
+from .runlog import with_bar
 
 __all__ = ['META_ALGORITHMS', 'split_tasks', 'position_labels', 'proto_logits', 'ridge_logits', 'svm_logits', 'EpisodeLoss',
            'FeatureHeadModel', 'MAMLModel', 'check_meta', 'meta_model', 'meta_learner', 'native_accuracy', 'native_evaluate']
@@ -357,7 +357,7 @@ def native_accuracy(model,               # a model of `meta_model`
     counts = shot_counts(shots)
     yq = torch.arange(dl.ways, device=dl.device).repeat_interleave(dl.queries)
     accs = {s: [] for s in counts}
-    for x, _ in (progress_bar(dl, leave=False) if progress else dl):
+    for x, _ in with_bar(dl, progress):
         for s, pred in model.predict_episodes(x.as_subclass(torch.Tensor), dl.ways, dl.per_class, dl.queries, counts, chunk).items():
             accs[s].append((pred == yq).float().mean(1).cpu())
     return {s: torch.cat(a).numpy() for s, a in accs.items()}

@@ -128,8 +128,9 @@ class StopOnNaN(Callback):
         saved = getattr(getattr(self.learn, 'checkpoints', None), 'last_path', None)
         kept = f" The last good checkpoint is {saved}." if saved is not None and saved.exists() else ''
         lr = self.opt.hypers[-1]['lr'] if self.opt else None
-        raise FloatingPointError(f"the training loss became {self.loss.detach().float().item()} at epoch {self.epoch + 1}, batch {self.iter + 1}: "
-                                 f"training stopped.{kept} Lower the learning rate (it was {lr:.3g}) or train in fp32.")
+        fp32 = ' or train in fp32' if any(isinstance(cb, MixedPrecision) for cb in self.learn.cbs) else ''
+        raise FloatingPointError(f"the training loss became {self.loss.detach().float().item()} at epoch {self.epoch}, batch "
+                                 f"{self.iter + 1}: training stopped.{kept} Lower the learning rate (it was {lr:.3g}){fp32}.")
 
 
 class AMP(MixedPrecision):
@@ -144,6 +145,9 @@ class AMP(MixedPrecision):
         dtype = torch.bfloat16 if self.amp_mode == AMPMode.BF16 else torch.float16
         if dtype == torch.bfloat16 and device == 'cuda' and not torch.cuda.is_bf16_supported():
             raise ValueError("this GPU does not support bfloat16: train with fp16 instead")
+        if dtype == torch.float16 and device == 'cpu':
+            warnings.warn("fp16 on the CPU is many times slower than fp32 (CPUs compute float16 in software): train with "
+                          "bf16 (--bf16), or in fp32", stacklevel=2)
         self.kwargs['enabled'] = dtype == torch.float16   # bfloat16 has float32's range: no loss scaling
         self.autocast, self.entered = torch.autocast(device, dtype=dtype), False
         self.learn.scaler, self.scales = torch.amp.GradScaler(device, **self.kwargs), L()

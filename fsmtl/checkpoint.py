@@ -2,6 +2,7 @@
 from __future__ import annotations
 import io
 import random
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,10 @@ def save_atomic(obj,   # what to save: a state dict, or any object `torch.save` 
 _FIX = "test or resume from the run's other checkpoint (best.pth or last.pth), or train again"
 
 
-def read_checkpoint(path,                # a checkpoint file, or a run folder
-                    prefer: str = 'last'  # the file of a run folder: 'last' (to resume) or 'best' (to test)
+def read_checkpoint(path,                 # a checkpoint file, or a run folder
+                    prefer: str = 'last',  # the file of a run folder: 'last' (to resume) or 'best' (to test)
+                    what: str = 'checkpoint',  # what the file should be, for messages
+                    fix: str = _FIX        # what to do instead, for messages
                     ) -> dict:
     "The checkpoint at `path`, a file or a run folder's `prefer`.pth."
     if prefer not in ('best', 'last'): raise ValueError(f"prefer is 'best' or 'last', got {prefer!r}")
@@ -44,18 +47,29 @@ def read_checkpoint(path,                # a checkpoint file, or a run folder
             have = ', '.join(sorted(f.name for f in path.glob('*.pth'))) or 'no checkpoint'
             raise FileNotFoundError(f"No {prefer}.pth in the run folder {path} (it holds {have})")
         path = path / f'{prefer}.pth'
-    if not path.is_file(): raise FileNotFoundError(f"No checkpoint file {path}")
+    if not path.is_file(): raise FileNotFoundError(f"No {what} file {path}")
     size = path.stat().st_size
-    if size == 0: raise ValueError(f"Cannot read checkpoint {path}: the file is empty (0 bytes); {_FIX}")
+    if size == 0: raise ValueError(f"Cannot read {what} {path}: the file is empty (0 bytes); {fix}")
     with open(path, 'rb') as f: head = f.read(4)
     # torch.save writes a zip archive; torch before 1.6 a pickle (protocol 2 starts with 0x80)
     if not (head.startswith(b'PK') or head.startswith(b'\x80')):
-        raise ValueError(f"Cannot read checkpoint {path}: it is not a file torch.save wrote ({size} bytes starting "
-                         f"{head!r}); {_FIX}")
+        raise ValueError(f"Cannot read {what} {path}: it is not a file torch.save wrote ({size} bytes starting "
+                         f"{head!r}); {fix}")
     try: return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
+        if b'fastai.learner' in _pickle_of(path):
+            raise ValueError(f"{path} is a fastai Learner saved by learn.export(), not an fsmtl {what}: turn it into a "
+                             "classifier file with FewShotClassifier.from_learner(load_learner(path)).save('clf.pt'), "
+                             "then use that file") from e
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"Cannot read checkpoint {path} ({size} bytes): {why}; {_FIX}") from e
+        raise ValueError(f"Cannot read {what} {path} ({size} bytes): {why}; {fix}") from e
+
+
+def _pickle_of(path) -> bytes:
+    "The pickle in the zip archive torch.save wrote to `path`, as bytes (never unpickled); empty when there is none."
+    try:
+        with zipfile.ZipFile(path) as z: return next((z.read(n) for n in z.namelist() if n.endswith('/data.pkl')), b'')
+    except (zipfile.BadZipFile, OSError): return b''
 
 
 def load_weights(module: nn.Module,  # the model to fill

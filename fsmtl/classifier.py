@@ -11,6 +11,7 @@ from torch import nn
 from .adapt import finetune_copy
 from .checkpoint import backbone_from_checkpoint, read_checkpoint, save_atomic
 from .data.core import _decode
+from .data.images import rgb
 from .data.transforms import BatchResize
 from .features import extract_features, feature_model, model_device
 from .probe import get_probe
@@ -49,7 +50,7 @@ def _image(im, size: int) -> torch.Tensor:
                                                   "images as (3, H, W) tensors in 0..1")
         im = Image.fromarray(im[..., 0] if im.ndim == 3 and im.shape[-1] == 1 else im)
     if isinstance(im, Image.Image):
-        im = im.convert('RGB')
+        im = rgb(im)
         if im.size != (size, size): im = im.resize((size, size), Image.BILINEAR)
         im = np.asarray(im)
     elif isinstance(im, (str, Path, bytes)): im = _decode(im, size)
@@ -138,6 +139,11 @@ class FewShotClassifier:
         if len(items) != len(labels):
             raise ValueError(f"{len(items)} support images but {len(labels)} labels: give one label per image")
         classes = list(dict.fromkeys(labels))   # in the order of first appearance
+        # Python takes True for 1 and False for 0: as dict keys they would merge two classes
+        merged = [f"{l!r} and {c!r}" for l in labels for c in classes if l == c and isinstance(l, bool) != isinstance(c, bool)]
+        if merged:
+            raise ValueError(f"labels {merged[0]} are one value in Python, so their images would be one class: give labels "
+                             "of one type (all strings, or all numbers)")
         if len(classes) < 2:
             raise ValueError(f"all support images are of one class ({classes[0]!r}): give images of two classes at least")
         index = {c: i for i, c in enumerate(classes)}

@@ -139,11 +139,12 @@ class MTLDistributedTrainer(DistributedTrainer):
     "fastai's `DistributedTrainer` for MTL."
     # each rank trains on its share of each step's tasks, and scores its share of the episodes
     def __init__(self, sync_bn=False,   # batch statistics over all processes (`nn.SyncBatchNorm`, GPUs only)
+                 find_unused=True,      # some parameters may get no gradient in a step (DDP's `find_unused_parameters`)
                  **kwargs):             # passed to accelerate's `Accelerator`
         from accelerate import DistributedDataParallelKwargs
-        # fastai's freeze (`freeze_epochs`, `fine_tune`) leaves the backbone without gradients for whole epochs, and DDP
-        # then waits for them unless it looks for unused parameters
-        handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
+        # DDP waits for the gradients of parameters unused in a step unless it looks for them; looking when there are
+        # none makes every process print a warning
+        handlers = [DistributedDataParallelKwargs(find_unused_parameters=find_unused)]
         # without `cpu`, accelerate runs CPU processes side by side, each training alone
         super().__init__(sync_bn, **{'cpu': not torch.cuda.is_available(), 'kwargs_handlers': handlers, **kwargs})
 

@@ -6,7 +6,6 @@ import numpy as np
 import torch
 from fastai.learner import Learner
 from fastcore.basics import patch
-from fastprogress.fastprogress import progress_bar
 
 from .data.benchmarks import get_benchmark
 from .data.block import episode_dl
@@ -15,7 +14,7 @@ from .data.tasks import EpisodeDL, shot_counts
 from .distributed import gather_episodes, shard_episodes
 from .features import extract_features, model_device
 from .probe import get_probe
-from .runlog import interactive
+from .runlog import with_bar
 
 __all__ = ['EvalResult', 'EvalResults', 'EpisodeScorer', 'ci95', 'episodic_accuracy', 'episode_loader', 'evaluate']
 
@@ -107,7 +106,7 @@ def episodic_accuracy(model,                     # a backbone, or a model with a
     "Per-episode query accuracy per shot count, from one pass of feature extraction."
     dl = shard_episodes(dl)   # under torch.distributed each process scores its share; all get every episode's accuracy
     scorer = EpisodeScorer(dl.ways, dl.per_class, dl.queries, shots, probe, group)
-    for x, _ in (progress_bar(dl, leave=False) if progress and interactive() else dl): scorer.add(extract_features(model, x, chunk))
+    for x, _ in with_bar(dl, progress): scorer.add(extract_features(model, x, chunk))
     return gather_episodes(scorer.result(), dl)
 
 

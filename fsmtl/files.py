@@ -29,7 +29,7 @@ def write_atomic(path,  # the file to write
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OSError(e.errno, f"no space left on {path.parent} while writing {path.name}: the file there is as it was. "
-                                   "Free some space, then run again (a training run continues with --resume)") from e
+                                   "Free some space, then run again") from e
         raise
     return path
 

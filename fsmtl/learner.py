@@ -24,7 +24,7 @@ from .data.core import FewShotSplits, Split
 from .data.tasks import local_labels
 from .distributed import MTLDistributedTrainer, rank, world
 from .models import create_backbone
-from .pretrained import follow_input, input_config, mtl_splitter
+from .pretrained import FrozenEpochs, follow_input, input_config, mtl_splitter
 from .runlog import EpochTable, interactive
 
 __all__ = ['MTLModel', 'MultiTaskLoss', 'OPTIMIZERS', 'TORCH_OPTIMIZER', 'get_opt', 'MTLLearner', 'InputOnly', 'mtl_learner', 'plateau_cbs', 'step_sched']
@@ -134,7 +134,9 @@ class MTLLearner(Learner):
         # `distrib_ctx` calls it; only rank 0 shows progress
         # one process (torchrun --nproc_per_node 1) trains as it is, as fastai's `detach_distributed` expects
         if world() < 2: return self
-        self.add_cb(MTLDistributedTrainer(sync_bn, **kwargs))
+        # frozen epochs leave the backbone without gradients mid-fit; a meta-learner's head may go unused in a step
+        find_unused = not isinstance(self.model, MTLModel) or any(isinstance(cb, FrozenEpochs) for cb in self.cbs)
+        self.add_cb(MTLDistributedTrainer(sync_bn, find_unused, **kwargs))
         if rank(): self.remove_cbs([cb for cb in self.cbs if isinstance(cb, (ProgressCallback, EpochTable))])
         return self
 

@@ -9,17 +9,24 @@ import sys
 from fastai.callback.core import Callback
 from fastai.callback.progress import CSVLogger, ProgressCallback
 from fastcore.basics import noop
-from fastprogress.fastprogress import IN_NOTEBOOK
+from fastprogress.fastprogress import IN_NOTEBOOK, progress_bar
 
 from .checkpoint import Checkpoints
 from .files import write_atomic
 
-__all__ = ['interactive', 'quiet', 'RunCSVLogger', 'EpochTable', 'tensorboard_cb', 'wandb_cb', 'wandb_mode', 'write_json']
+__all__ = ['interactive', 'with_bar', 'quiet', 'RunCSVLogger', 'EpochTable', 'tensorboard_cb', 'wandb_cb', 'wandb_mode', 'write_json']
 
 
 def interactive() -> bool:
     "Whether output goes to a notebook or a terminal, where bars redraw in place."
     return IN_NOTEBOOK or sys.stdout.isatty()
+
+
+def with_bar(items,     # what to iterate over: a DataLoader of episodes, say
+             progress):  # show the bar (where output redraws in place)
+    "`items`, with a progress bar when asked and the output is a terminal or a notebook."
+    # a bar redrawn into a file or a piped log is noise
+    return progress_bar(items, leave=False) if progress and interactive() else items
 
 
 class RunCSVLogger(CSVLogger):
@@ -111,7 +118,10 @@ def wandb_cb(run_dir, config: dict, name: str):
         from fastai.callback.wandb import WandbCallback
     except ImportError as e:
         raise ImportError("wandb logging needs the wandb package: pip install 'fsmtl[wandb]' (or wandb==0.31.0)") from e
-    wandb.init(project='fsmtl', name=name, dir=str(run_dir), config=config, mode=wandb_mode(), reinit='finish_previous')
+    try: wandb.init(project='fsmtl', name=name, dir=str(run_dir), config=config, mode=wandb_mode(), reinit='finish_previous')
+    except wandb.errors.Error as e:
+        raise RuntimeError(f"wandb could not start a run in {wandb_mode()} mode ({e}): log in (wandb login), log offline "
+                           "(WANDB_MODE=offline), or train without wandb") from e
     return WandbCallback(log_preds=False, log_model=False)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 import dataclasses
 import difflib
+import math
 import sys
 import time
 import warnings
@@ -26,6 +27,7 @@ from .files import RunLock
 from .pretrained import FrozenEpochs
 from .probe import get_probe
 from .runlog import RunCSVLogger, quiet, tensorboard_cb, wandb_cb, write_json
+from .runs import check_unused, resume_hint, resume_source, resumed_config, run_folder
 
 __all__ = ['OPTIONS', 'ALGORITHMS', 'SCHEDULERS', 'RECIPES', 'recipe_command', 'TrainResult', 'train', 'evaluate_checkpoint']
 
@@ -123,7 +125,9 @@ class TrainResult:
     config: dict = field(default_factory=dict)   # every option of the run
 
     def __str__(self):
-        head = f"best epoch {self.best_epoch} of {len(self.history)}" if self.best_epoch else "no epoch trained"
+        # epochs counted from 0, as in the epoch table and history.csv
+        n = len(self.history)
+        head = f"best epoch {self.best_epoch - 1} of epochs 0-{n - 1}" if self.best_epoch else "no epoch trained"
         lines = [head + (f", run in {self.run_dir}" if self.run_dir else '') + '; test accuracy, mean ± 95% CI:']
         for s, r in self.test.items():
             base = f"   untrained backbone: {self.untrained[s]!r}" if self.untrained and s in self.untrained else ''
@@ -160,8 +164,9 @@ def _check_numbers(cfg, names):
     for k in names:
         v = cfg[k]
         if v is None and k in ('size', 'num_workers'): continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (k in _LEAST and isinstance(_LEAST[k], int) and v != int(v)):
-            raise ValueError(f"{k} must be a number, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or \
+                (k in _LEAST and isinstance(_LEAST[k], int) and v != int(v)):
+            raise ValueError(f"{k} must be a finite number, got {v!r}: {OPTIONS[k][1]}")
         if k in _LEAST and v < _LEAST[k]: raise ValueError(f"{k} must be at least {_LEAST[k]}, got {v}: {OPTIONS[k][1]}")
         if k in _POSITIVE and not v > 0: raise ValueError(f"{k} must be above 0, got {v}: {OPTIONS[k][1]}")
 
@@ -180,6 +185,12 @@ def _check(cfg):
     if cfg['epoch_length'] < cfg['meta_batch_size']:
         raise ValueError(f"epoch_length ({cfg['epoch_length']} tasks) is less than one batch of meta_batch_size "
                          f"({cfg['meta_batch_size']} tasks): raise epoch_length or lower meta_batch_size")
+    if cfg['freeze_epochs'] > cfg['max_epochs']:
+        raise ValueError(f"freeze_epochs ({cfg['freeze_epochs']}) is more than max_epochs ({cfg['max_epochs']}): the backbone "
+                         "would never train. Lower freeze_epochs, or set it to max_epochs to train the head alone")
+    if cfg['model_kwargs'] is not None and not isinstance(cfg['model_kwargs'], dict):
+        raise ValueError(f"model_kwargs must be keyword arguments of the architecture, a dict (a JSON object at the shell, "
+                         f"e.g. '{{\"channels\": [64, 160, 320, 640]}}'), got {cfg['model_kwargs']!r}")
     if cfg['decay_rate'] > 1: raise ValueError(f"decay_rate multiplies the learning rate, so it is at most 1, got {cfg['decay_rate']}")
     if cfg['test_method'] == 'native' and cfg['algorithm'] == 'mtl':
         raise ValueError("test_method native is a meta-learner's own head: with algorithm mtl use l2, sklearn or proto")
@@ -235,41 +246,16 @@ def _final_test(model, source, cfg, progress) -> EvalResults:
     return evaluate(model, source, 'test', shots=shots, probe=get_probe(cfg['test_method'], cfg['test_l2']), **episodes)
 
 
-def _run_dir(cfg) -> Path:
-    "The folder of a new run: `log_dir`/`run_name`, by default dataset-model-date-time."
-    name = cfg['run_name'] or f"{cfg['dataset']}-{cfg['model']}-{time.strftime('%Y%m%d-%H%M%S')}"
-    # absolute, because fastai's loggers put relative names under the learner's path
-    return (Path(cfg['log_dir']).expanduser() / name).resolve()
-
-
-def _resume_source(cfg) -> Path:
-    "The run folder to resume."
-    # `load_path`'s, else `log_dir`/`run_name`, else the run in `log_dir` whose last checkpoint is newest
-    if cfg['load_path']:
-        p = Path(cfg['load_path']).expanduser().resolve()
-        folder = p if p.is_dir() else p.parent
-    elif cfg['run_name']: folder = _run_dir(cfg)
-    else:
-        runs = sorted(Path(cfg['log_dir']).expanduser().glob('*/last.pth'), key=lambda f: f.stat().st_mtime)
-        if not runs: raise FileNotFoundError(f"resume: no run with a last.pth in {cfg['log_dir']}; pass load_path=")
-        folder = runs[-1].parent.resolve()
-    if not (folder / 'last.pth').is_file():
-        raise FileNotFoundError(f"nothing to resume in {folder}: it holds no last.pth (a run writes one after its first "
-                                "epoch); start the run again without resume")
-    return folder
-
-
 def _configure(given: dict):
     "The run's checked configuration, and the checkpoint and folder it resumes."
     if not given.get('resume'):
         cfg = _options(given)
         _check(cfg)
-        return cfg, None, None   # a new run resumes nothing
-    folder = _resume_source(_options(given))
+        return cfg, None, run_folder(cfg)   # a new run resumes nothing
+    folder = resume_source(_options(given))
     resumed = read_checkpoint(folder, prefer='last')
     own_rng_state(resumed)   # on as many processes as the run had, before any work
-    cfg = _options({k: v for k, v in given.items() if k != 'resume'}, resumed['config'])
-    cfg['resume'] = True
+    cfg = resumed_config(given, _options({}, resumed['config']), folder, resumed['epoch'])
     _check(cfg)
     return cfg, resumed, folder
 
@@ -290,11 +276,12 @@ def _learner(cfg, device):
 def _loggers(cfg, run_dir, resumed) -> list:
     "The run's log callbacks (CSV history, TensorBoard, wandb); writes config.json."
     if cfg['no_log'] or not is_main(): return []   # none with `no_log`, or on ranks but 0
+    # wandb first: when it cannot start, the run stops before it has written anything
+    wandb = [wandb_cb(run_dir, _json_config(cfg), run_dir.name)] if cfg['wandb'] else []
     write_json(_json_config(cfg), run_dir / 'config.json')
     cbs = [RunCSVLogger(run_dir / 'history.csv', append=resumed is not None, keep=resumed['epoch'] if resumed else 0)]
     if (tb := tensorboard_cb(run_dir / 'tensorboard')) is not None: cbs.append(tb)
-    if cfg['wandb']: cbs.append(wandb_cb(run_dir, _json_config(cfg), run_dir.name))
-    return cbs
+    return cbs + wandb
 
 
 def _fit(learn, cfg, start: int, cbs):
@@ -323,7 +310,7 @@ def _write_results(res: TrainResult):
     "results.json of the run: the best epoch, the time of each stage and the test accuracies."
     summary = lambda rs, n=False: {f'{s}shot': dict(mean=r.mean, ci95=r.ci95, **({'episodes': len(r.accs)} if n else {}))
                                    for s, r in (rs or {}).items()}
-    write_json(dict(best_epoch=res.best_epoch, seconds=res.seconds, test=summary(res.test, True),
+    write_json(dict(epochs=len(res.history), best_epoch=res.best_epoch, seconds=res.seconds, test=summary(res.test, True),
                     untrained=summary(res.untrained)), res.run_dir / 'results.json')
 
 
@@ -337,12 +324,10 @@ def train(dataset: str | None = None,  # a benchmark name; None: glyphs, or a re
     cfg, resumed, folder = _configure(given)
     init_distributed()
     # rank 0's folder name (its clock's), and rank 0 alone holds the folder's lock
-    run_dir = broadcast_object(folder or _run_dir(cfg))
+    run_dir = broadcast_object(folder)
     with RunLock(run_dir) if is_main() else nullcontext():
-        if resumed is None and (run_dir / 'last.pth').exists():
-            raise FileExistsError(f"{run_dir} already holds a run (last.pth): resume it (resume=True, --resume), or give "
-                                  "this run another run_name")
-        return _train_in(cfg, resumed, run_dir)
+        if resumed is None: check_unused(run_dir)
+        with resume_hint(run_dir): return _train_in(cfg, resumed, run_dir)
 
 
 def _train_in(cfg, resumed, run_dir) -> TrainResult:

@@ -191,3 +191,36 @@ def test_mini_imagenet_in_learn2learn_layout(tmp_path):
         assert sorted(im.tobytes() for im in fs[s].items[fs[s].labels == 0]) == sorted(images[i].tobytes()
                                                                                         for i in class_dict[w])
     assert fs.meta['source'] == str(tmp_path) and not (tmp_path / 'mini-imagenet').exists()
+
+
+def grey16(path, grey8, seed=0):
+    "Save the 8-bit grey array `grey8` to `path` as a 16-bit PNG, the low byte random; return the raw 16-bit values."
+    raw = grey8.astype(np.uint16) * 256 + np.random.default_rng(seed).integers(0, 256, grey8.shape).astype(np.uint16)
+    Image.fromarray(raw).save(path)
+    assert Image.open(path).mode == 'I;16'
+    return raw
+
+
+def test_a_16_bit_png_decodes_to_its_shades(tmp_path):
+    # it loaded as all 255 (PIL clips 16-bit grey when converting to RGB)
+    from torchvision.io import decode_png
+    from torchvision.transforms.v2.functional import to_dtype
+    raw = grey16(tmp_path / 'g.png', np.arange(256, dtype=np.uint8).reshape(16, 16))
+    got = _decode(tmp_path / 'g.png', None)
+    assert got.dtype == np.uint8 and got.shape == (16, 16, 3)
+    np.testing.assert_array_equal(got, np.repeat((raw >> 8).astype(np.uint8)[..., None], 3, -1))   # numpy on the raw values
+    ref = to_dtype(decode_png(torch.from_numpy(np.fromfile(tmp_path / 'g.png', np.uint8))), torch.uint8, scale=True)
+    np.testing.assert_array_equal(got[..., 0], ref[0].numpy())   # torchvision's decoding
+    assert _decode(tmp_path / 'g.png', 8).std() > 30             # shades, not a blank image
+
+
+def test_predict_reads_a_16_bit_png_as_its_8_bit_twin(predict_files, tmp_path):
+    root, query = predict_files, tmp_path / 'query'
+    query.mkdir()
+    grey8 = np.asarray(Image.open(root / 'q' / 'blue0.jpg').convert('L'))
+    Image.fromarray(grey8).save(query / 'a8.png')
+    grey16(query / 'b16.png', grey8)
+    code, out, err = fsmtl('predict', '--checkpoint', root / 'clf.pt', '--support', root / 'support', '--query', query)
+    assert code == 0, err
+    (n8, *p8), (n16, *p16) = [line.split('\t') for line in out.splitlines()]
+    assert (n8, n16) == ('a8.png', 'b16.png') and p8 == p16

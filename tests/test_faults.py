@@ -202,7 +202,9 @@ def test_a_finished_run_folder_is_not_overwritten(glyph_root, tmp_path):
     (dict(final_test_epoch_length=0), 'final_test_epoch_length must be at least 1'),
     (dict(meta_batch_size=4, epoch_length=3), 'epoch_length (3 tasks) is less than one batch'),
     (dict(lr=0.), 'lr must be above 0'), (dict(test_ways=1), 'test_ways must be at least 2'),
-    (dict(decay_rate=2.), 'decay_rate multiplies'), (dict(size=0), 'size must be at least 8')])
+    (dict(decay_rate=2.), 'decay_rate multiplies'), (dict(size=0), 'size must be at least 8'),
+    (dict(lr=float('inf')), 'lr must be a finite number, got inf'),   # it stopped as NaN, "or train in fp32"
+    (dict(freeze_epochs=5, max_epochs=2), 'freeze_epochs (5) is more than max_epochs (2): the backbone would never train')])
 def test_bad_numbers_are_refused_before_any_work(tmp_path, monkeypatch, capsys, bad, message):
     def no_data(*a, **kw): raise AssertionError("the data was loaded before the options were checked")
     monkeypatch.setattr(T, 'mtl_dls', no_data)
@@ -225,7 +227,7 @@ def test_a_full_disk_names_the_file_and_keeps_the_last_good_checkpoint(glyph_roo
         learn.add_cb(type('Fill', (Callback,), dict(after_train=lambda self: full.set() if self.epoch == 1 else None))())
         return learn
     monkeypatch.setattr(T, 'mtl_learner', filling)
-    with pytest.raises(OSError, match=r"no space left on .*run while writing (best|last)\.pth"):
+    with pytest.raises(OSError, match=r"no space left on .*run while writing (best|last)\.pth.*continue it with --resume"):
         train(**TINY | dict(root=glyph_root, log_dir=tmp_path, run_name='run', progress=False))
     run = tmp_path / 'run'
     assert read_checkpoint(run / 'last.pth')['epoch'] == 1 and read_checkpoint(run / 'best.pth')['epoch'] == 1

@@ -224,3 +224,12 @@ def test_fine_tune_from_pretrained_beats_from_scratch(glyph_splits, tmp_path):
         res[name] = learn.evaluate(ways=3, shots=5, queries=5, episodes=100, progress=False)
     pre, scratch = res['pretrained'], res['scratch']
     assert_gain('pretrained beats scratch', pre.accs, scratch.accs)
+
+
+def test_summary_of_the_default_resnet12():
+    # its pass counter was handed to fastai's hooks as a 0-d tensor, which they cannot iterate
+    learn = mtl_learner(_dls(), arch='resnet12', arch_kwargs=dict(channels=(8, 16, 16, 32)))
+    text = learn.summary()
+    n = sum(p.numel() for p in learn.model.backbone.parameters())
+    assert 'RampDropBlock' in text and 'PassCounter' in text and f"Total params: {n:,}" in text
+    assert int(learn.model.backbone.num_batches_tracked) == 0   # summary's pass is not a training pass

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .images import rgb
+
 __all__ = ['Split', 'FewShotSplits', 'SPLITS']
 
 SPLITS = ('train', 'val', 'test')
@@ -16,7 +18,7 @@ def _decode(item, size):
     "One image as uint8 HxWx3 from PNG/JPEG bytes or a path, resized to `size` if given."
     try:
         im = Image.open(io.BytesIO(item) if isinstance(item, (bytes, np.ndarray)) else item)
-        im = im.convert('RGB')
+        im = rgb(im)
     except Exception as e:
         raise ValueError(f"Cannot read image {item if isinstance(item, (str, Path)) else '(encoded bytes)'}: {e}") from e
     if size is not None and im.size != (size, size): im = im.resize((size, size), Image.BILINEAR)

@@ -2,11 +2,25 @@
 from __future__ import annotations
 import os
 
+import numpy as np
 from fastai.data.transforms import get_files, image_extensions
 from fastcore.parallel import parallel
 from PIL import Image
 
-__all__ = ['image_files', 'class_images', 'unreadable_images', 'check_images']
+__all__ = ['rgb', 'image_files', 'class_images', 'unreadable_images', 'check_images']
+
+
+def rgb(im  # a PIL image of any mode
+        ) -> Image.Image:
+    "`im` as an 8-bit RGB image; 16-bit grey keeps its shades."
+    # PIL clips 16-bit grey (mode I;16) to 255, a white image; 16 bits go to 8 as PIL reduces 16-bit RGB and as
+    # torchvision's `to_dtype(scale=True)` does: the high byte
+    if im.mode.startswith('I;16'):
+        return Image.fromarray((np.asarray(im).astype(np.uint16) >> 8).astype(np.uint8)).convert('RGB')
+    if im.mode in ('I', 'F'):
+        raise ValueError(f"a 32-bit {'float' if im.mode == 'F' else 'integer'} image (PIL mode {im.mode}) has no one way to "
+                         "8 bits: save it with 8 or 16 bits a channel")
+    return im.convert('RGB')
 
 
 def _identity(path):
@@ -62,7 +76,7 @@ def _decode_error(path, size):
         with Image.open(path) as im:
             # a JPEG is decoded at the smallest scale that still covers `size`: every byte is still read, less is computed
             if size: im.draft('RGB', (size, size))
-            im.convert('RGB')
+            rgb(im)
     except Exception as e: return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
     return None
 

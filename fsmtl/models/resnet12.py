@@ -1,4 +1,5 @@
 "ResNet-12 of the few-shot papers (RFS, MetaOptNet), registered with timm as 'resnet12'."
+import numbers
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -84,13 +85,13 @@ class RampDropBlock(DropBlock2d):
 @register_notrace_module   # a leaf for timm's FX tracing, so that tracing does not count a pass itself
 class PassCounter(nn.Module):
     "Counts the model's training passes."
-    # a module, so that FX graphs keep it though nothing uses its output
+    # it passes the feature map through, so that hooks on every module (fastai's `summary`) see a map, not the 0-d counter
     _is_impure = True   # FX's dead-code elimination keeps impure calls
 
-    def forward(self, count: Tensor) -> Tensor:  # the model's counter, changed in place
-        "`count`, one more after a training pass."
+    def forward(self, x: Tensor, count: Tensor) -> Tensor:  # the feature map; the model's counter, changed in place
+        "`x` unchanged; `count` one more after a training pass."
         if self.training: count.add_(1)
-        return count
+        return x
 
 
 class Block(nn.Module):
@@ -135,7 +136,8 @@ class ResNet12(nn.Module):
                  device=None,                        # where to create the weights (timm's factory passes it)
                  dtype=None):                        # their dtype
         super().__init__()
-        if len(channels) != 4: raise ValueError(f"channels must give the widths of 4 stages, got {tuple(channels)}")
+        if len(channels) != 4 or not all(isinstance(c, numbers.Integral) and c > 0 for c in channels):
+            raise ValueError(f"channels must give the widths of 4 stages, positive whole numbers, got {tuple(channels)}")
         dd = dict(device=device, dtype=dtype)
         self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
         self.dropblock_size, self.dropblock_ramp, self.grad_checkpointing = dropblock_size, dropblock_ramp, False
@@ -209,8 +211,7 @@ class ResNet12(nn.Module):
         else:
             count = self.num_batches_tracked
             x = self.layer4(self.layer3(self.layer2(self.layer1(x, count), count), count), count)
-        self.pass_counter(self.num_batches_tracked)   # a training pass advances the DropBlock ramp
-        return x
+        return self.pass_counter(x, self.num_batches_tracked)   # a training pass advances the DropBlock ramp
 
     def forward_intermediates(self,
                               x: Tensor,                                    # images (N, C, H, W)
@@ -225,7 +226,7 @@ class ResNet12(nn.Module):
         if output_fmt != 'NCHW': raise ValueError(f"ResNet-12 gives NCHW maps only, not {output_fmt!r}")
         take, last = feature_take_indices(len(self.feature_info), indices)
         maps = self._stages(x, last if stop_early else 3)
-        self.pass_counter(self.num_batches_tracked)
+        maps[-1] = self.pass_counter(maps[-1], self.num_batches_tracked)
         intermediates = [maps[i] for i in take]
         return intermediates if intermediates_only else (maps[-1], intermediates)
 
