@@ -14,10 +14,13 @@ from .features import extract_features, model_device
 from .learner import MTLLearner, mtl_learner
 from .runlog import with_bar
 
-__all__ = ['META_ALGORITHMS', 'split_tasks', 'position_labels', 'proto_logits', 'ridge_logits', 'svm_logits', 'EpisodeLoss',
+__all__ = ['SOFTMAX_ALGORITHMS', 'META_ALGORITHMS', 'split_tasks', 'position_labels', 'proto_logits', 'ridge_logits', 'svm_logits', 'EpisodeLoss',
            'FeatureHeadModel', 'MAMLModel', 'check_meta', 'meta_model', 'meta_learner', 'native_accuracy', 'native_evaluate']
 
-# name -> what its episodic head is; `mtl` is the multi-task learner of `fsmtl.learner`
+# name -> what it trains: `mtl_learner`'s model, one head row a base class, by a softmax
+SOFTMAX_ALGORITHMS = {'mtl': "over each training task's own classes (Wang et al. 2021)",
+                      'pretrain': 'over all base classes, the tasks of a batch pooled (Baseline++, Chen et al. 2019; RFS, Tian et al. 2020)'}
+# name -> what its episodic head is
 META_ALGORITHMS = {'protonet': 'nearest class mean, squared Euclidean distance (Snell et al. 2017)',
                    'metaoptnet': "Crammer-Singer SVM on the support features, learn2learn's SVClassifier (Lee et al. 2019)",
                    'r2d2': 'closed-form ridge regression on one-hot targets (Bertinetto et al. 2019)',
@@ -264,7 +267,7 @@ class MAMLModel(nn.Module):
         return {s: torch.stack(p) for s, p in out.items()}
 
 
-def check_meta(algorithm: str,               # a name of `META_ALGORITHMS`, or 'mtl'
+def check_meta(algorithm: str,               # a name of `META_ALGORITHMS` or `SOFTMAX_ALGORITHMS`
                shots: int = 5,               # support images per class in a training task
                queries: int = 5,             # query images per class in a training task
                adaptation_steps: int = 1,    # MAML/ANIL gradient steps on the support
@@ -274,13 +277,13 @@ def check_meta(algorithm: str,               # a name of `META_ALGORITHMS`, or '
                ridge_lambda: float = 50.,    # R2D2's L2 weight
                norm_train_features: bool = False):  # an MTL option
     "Fail early, with the fix, on options `algorithm` cannot train with."
-    names = ('mtl', *META_ALGORITHMS)
+    names = (*SOFTMAX_ALGORITHMS, *META_ALGORITHMS)
     if algorithm not in names: raise ValueError(f"unknown algorithm {algorithm!r}: use one of {', '.join(names)}")
-    if algorithm == 'mtl': return
+    if algorithm in SOFTMAX_ALGORITHMS: return
     if shots < 1 or queries < 1:
         raise ValueError(f"{algorithm} splits each training task into support and query: train_shots ({shots}) and "
                          f"train_queries ({queries}) must both be at least 1")
-    if norm_train_features: raise ValueError("norm_train_features is an option of algorithm mtl only: leave it off")
+    if norm_train_features: raise ValueError("norm_train_features is an option of algorithms mtl and pretrain only: leave it off")
     if algorithm in ('maml', 'anil'):
         if adaptation_steps < 1: raise ValueError(f"adaptation_steps must be at least 1 for {algorithm}, got {adaptation_steps}")
         if not adaptation_lr > 0: raise ValueError(f"adaptation_lr must be positive, got {adaptation_lr}")
@@ -315,7 +318,7 @@ def meta_model(algorithm: str,              # a name of `META_ALGORITHMS`
 
 @delegates(mtl_learner)
 def meta_learner(dls,                          # DataLoaders from `mtl_dls`
-                 algorithm: str = 'protonet',  # 'mtl' or a name of `META_ALGORITHMS`
+                 algorithm: str = 'protonet',  # a name of `SOFTMAX_ALGORITHMS` or `META_ALGORITHMS`
                  shots: int | None = None,     # support images of a class in a training task; None: the `train_shots` of `mtl_dls`
                  adaptation_steps: int = 1,    # MAML/ANIL gradient steps on the support
                  adaptation_lr: float = 0.5,   # their learning rate (learn2learn's fast_lr)
@@ -326,7 +329,7 @@ def meta_learner(dls,                          # DataLoaders from `mtl_dls`
                  **kwargs                      # passed to `mtl_learner`: arch, opt, lr, probe, precision ...
                  ) -> MTLLearner:
     "`mtl_learner` training by a meta-learning `algorithm` on the same task batches."
-    if algorithm == 'mtl': return mtl_learner(dls, **kwargs)
+    if algorithm in SOFTMAX_ALGORITHMS: return mtl_learner(dls, all_classes=algorithm == 'pretrain', **kwargs)
     train = dls.train
     shots = getattr(dls, 'train_shots', None) if shots is None else shots
     if shots is None: raise ValueError("give shots=, the support images of a class in a training task")

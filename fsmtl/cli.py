@@ -120,7 +120,7 @@ def main(argv=None):
     d = sub.add_parser('data', help='download, check and summarise a benchmark',
                        description='Download (when needed), check and summarise a few-shot benchmark.')
     _flag(d, 'dataset', default='glyphs',
-          help='glyphs (embedded, the default), cifarfs, fc100, mini-imagenet, tiered-imagenet, or folder')
+          help='glyphs (embedded, the default), glyphs-small (its 20 images a class), cifarfs, fc100, mini-imagenet, tiered-imagenet, or folder')
     _flag(d, 'root', default='~/data', help='folder of the data folders; for folder, your folder of images')
     _flag(d, 'no_download', action='store_true', help='fail, naming the missing files, instead of downloading them')
     _flag(d, 'show', metavar='PNG', help='save a picture of a training batch here')

@@ -27,7 +27,7 @@ from .models import create_backbone
 from .pretrained import FrozenEpochs, follow_input, input_config, mtl_splitter
 from .runlog import EpochTable, interactive
 
-__all__ = ['MTLModel', 'MultiTaskLoss', 'OPTIMIZERS', 'TORCH_OPTIMIZER', 'get_opt', 'MTLLearner', 'InputOnly', 'mtl_learner', 'plateau_cbs', 'step_sched']
+__all__ = ['MTLModel', 'MultiTaskLoss', 'BaseClassLoss', 'OPTIMIZERS', 'TORCH_OPTIMIZER', 'get_opt', 'MTLLearner', 'InputOnly', 'mtl_learner', 'plateau_cbs', 'step_sched']
 
 
 class MTLModel(nn.Module):
@@ -37,14 +37,16 @@ class MTLModel(nn.Module):
                  backbone: nn.Module,               # maps images to (N, num_features) features
                  num_features: int,                 # the backbone's feature size
                  n_base: int,                       # base (training) classes: rows of the head
-                 ways: int = 5,                     # classes in a training task, for the head's initial scale
-                 norm_train_features: bool = False):  # L2-normalise features before the head
+                 ways: int = 5,                     # classes in a training task, for the original head's scale
+                 norm_train_features: bool = False,  # L2-normalise features before the head
+                 original_head: bool = False):      # the original code's random head, else zeros
         super().__init__()
         self.backbone, self.norm_train_features = backbone, norm_train_features
-        head = torch.empty(n_base, num_features)
-        nn.init.kaiming_uniform_(head, a=math.sqrt(5))
-        # each task uses `ways` of the `n_base` rows: the scale of a `ways`-row layer's initialisation
-        self.head = nn.Parameter(head * math.sqrt(n_base / ways))
+        head = torch.zeros(n_base, num_features)
+        # zeros: every task starts at chance, loss ln(ways). The original code's kaiming-uniform times sqrt(n_base/ways)
+        # starts unnormalised features at a loss several times that, and training stalled there (README, the MTL study)
+        if original_head: head = nn.init.kaiming_uniform_(head, a=math.sqrt(5)) * math.sqrt(n_base / ways)
+        self.head = nn.Parameter(head)
 
     def features(self, x):  # images (N, C, H, W)
         "The features the head sees, L2-normalised if `norm_train_features`."
@@ -80,6 +82,17 @@ class MultiTaskLoss(nn.Module):
     def forward(self, logits, y):
         # tasks have equal sizes, so the mean over all images is the mean over tasks of each task's mean
         return F.cross_entropy(*self.task_logits(logits, y))
+
+
+class BaseClassLoss(nn.Module):
+    "Cross-entropy of one softmax over all base classes: pretraining, as Baseline++ and RFS train."
+    def task_logits(self,
+                    logits,  # scores (N, n_base) of the batch's images
+                    y):      # their global class ids
+        "The logits over all base classes and the global labels (`task_acc` is then the accuracy over all of them)."
+        return logits.as_subclass(torch.Tensor), y.as_subclass(torch.Tensor).long()
+
+    def forward(self, logits, y): return F.cross_entropy(*self.task_logits(logits, y))
 
 
 # The original code's optimiser names. fastai's decouple_wd=False is torch's L2 weight decay, True the decoupled (AdamW) kind;
@@ -250,6 +263,8 @@ def mtl_learner(dls,                          # DataLoaders from `mtl_dls`
                 arch: str = 'resnet12',       # a timm architecture (fsmtl registers resnet12)
                 pretrained=False,             # True: timm's hub weights; a path: a local weights file
                 norm_train_features: bool = False,  # L2-normalise features before the head in training
+                original_head: bool = False,  # the original code's random head; False: zeros (loss starts at ln(ways))
+                all_classes: bool = False,    # one softmax over all base classes (`pretrain`), not each task's own
                 opt='radam',                  # an optimiser name of `OPTIMIZERS`, or a fastai optimiser function
                 lr: float = 1e-3,             # learning rate
                 wd: float = 0.,               # weight decay
@@ -277,13 +292,14 @@ def mtl_learner(dls,                          # DataLoaders from `mtl_dls`
     elif any(v is not None for v in given.values()):
         follow_input(dls, size or splits.size, mean or splits.mean, std or splits.std, interpolation or splits.interpolation)
     train = dls.train
-    model = MTLModel(backbone, nf, splits.train.n_classes, train.ways, norm_train_features)
+    model = MTLModel(backbone, nf, splits.train.n_classes, train.ways, norm_train_features, original_head)
     extra = [EpisodicEval(every=eval_every, shots=dls.test_shots, probe=probe), TaskAccuracy(), StopOnNaN()]
     if precision != 'fp32': extra.append(AMP(precision))
     if channels_last: extra.append(ChannelsLast())
     # fastai's convention: a frozen backbone's batch-norm layers train, unless train_bn=False, which also keeps their statistics
     if not train_bn: extra.append(BnFreeze())
-    learn = MTLLearner(dls, model, loss_func=MultiTaskLoss(train.ways, train.per_class), opt_func=opt_func, lr=lr, wd=wd,
+    loss = BaseClassLoss() if all_classes else MultiTaskLoss(train.ways, train.per_class)
+    learn = MTLLearner(dls, model, loss_func=loss, opt_func=opt_func, lr=lr, wd=wd,
                        splitter=mtl_splitter, train_bn=train_bn, cbs=extra + list(cbs or []), **kwargs)
     if not interactive() and hasattr(learn, 'progress'):
         # bars redrawn into a file or a scheduler's log are noise: there, the epoch table alone

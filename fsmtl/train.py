@@ -8,21 +8,20 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import pandas as pd
 import torch
 from fastai.torch_core import default_device, set_seed
 
-from .algorithms import META_ALGORITHMS, check_meta, meta_learner, meta_model, native_evaluate
+from .algorithms import META_ALGORITHMS, SOFTMAX_ALGORITHMS, check_meta, meta_learner, meta_model, native_evaluate
 from .checkpoint import Checkpoints, backbone_from_checkpoint, load_weights, own_rng_state, read_checkpoint
 from .data.block import FINAL_SHOTS, mtl_dls
 from .data.benchmarks import get_benchmark
 from .data.tasks import shot_counts
 from .distributed import broadcast_object, init_distributed, is_main, local_batch, rank, rank_seed, world
 from .evaluate import EvalResults, evaluate
-from .learner import get_opt, mtl_learner
+from .learner import get_opt
 from .files import RunLock
 from .pretrained import FrozenEpochs
 from .probe import get_probe
@@ -33,11 +32,11 @@ __all__ = ['OPTIONS', 'ALGORITHMS', 'SCHEDULERS', 'RECIPES', 'recipe_command', '
 
 # Every option of `train` and of `fsmtl train`, under the original code's names: name -> (default, help).
 OPTIONS = {
-    'dataset': ('glyphs', 'benchmark: glyphs (embedded), cifarfs, fc100, mini-imagenet, tiered-imagenet, or folder'),
+    'dataset': ('glyphs', 'benchmark: glyphs (embedded), glyphs-small (its 20 images a class), cifarfs, fc100, mini-imagenet, tiered-imagenet, or folder'),
     'root': ('~/data', 'folder of the benchmarks (for folder: your folder of class folders)'),
     'log_dir': ('runs', 'runs are written to a folder in here: checkpoints, history.csv, config.json, results.json'),
     'run_name': (None, 'name of the run folder; default: dataset-model-date-time'),
-    'algorithm': ('mtl', 'mtl, or a meta-learner: protonet, metaoptnet, r2d2, anil, maml (support: the first train_shots per class)'),
+    'algorithm': ('mtl', 'mtl, pretrain (one softmax over all base classes), or a meta-learner: protonet, metaoptnet, r2d2, anil, maml (support: the first train_shots per class)'),
     'model': ('resnet12', 'backbone: resnet12 or any timm architecture name'),
     'model_kwargs': (None, 'keyword arguments of the architecture (timm.create_model), a dict'),
     'pretrained': (False, 'True: timm hub weights; a path: a local weights file. Images then get the model\'s size, mean and std'),
@@ -46,6 +45,8 @@ OPTIONS = {
     'sync_bn': (False, 'several GPUs: BatchNorm statistics over the batches of all processes (SyncBatchNorm)'),
     'seed': (0, 'seeds the initialisation and the training tasks, and fixes the validation and test episodes'),
     'norm_train_features': (False, 'L2-normalise features before the head in training'),
+    'original_head': (False, 'mtl: the original code\'s random head (kaiming-uniform times sqrt(base classes / train_ways)); '
+                             'default: zeros, every task starting at chance'),
     'train_ways': (5, 'classes in a training task'),
     'train_shots': (5, 'support images per class in a training task'),
     'train_queries': (5, 'query images per class in a training task (MTL uses shots + queries alike)'),
@@ -86,13 +87,14 @@ OPTIONS = {
     'svm_max_iters': (15, 'metaoptnet: iterations of the SVM\'s QP solver'),
     'ridge_lambda': (50., 'r2d2: L2 weight of the ridge regression head'),
 }
-ALGORITHMS = ('mtl', *META_ALGORITHMS)
+ALGORITHMS = (*SOFTMAX_ALGORITHMS, *META_ALGORITHMS)
 META_OPTIONS = ('adaptation_steps', 'adaptation_lr', 'first_order', 'svm_C', 'svm_max_iters', 'ridge_lambda')
 SCHEDULERS = ('plateau', 'step', 'one_cycle')
 
 # The original code's published recipes (ResNet-12, `--algorithm mtl`), each with the 5-way test accuracy (%, mean ±
 # 95% CI) the paper reports for it: `train(r['dataset'], **r['options'])` or `fsmtl train` with `recipe_command(r)`.
-RECIPES = tuple(dict(dataset=d, shots=s, options=o, paper=p) for d, s, o, p in [
+# Each keeps the original code's head (`original_head`), so that it reproduces the paper.
+RECIPES = tuple(dict(dataset=d, shots=s, options=dict(o, original_head=True), paper=p) for d, s, o, p in [
     ('mini-imagenet', 5, dict(norm_train_features=True, meta_batch_size=2, test_shots=5), '77.72 ± 0.09'),
     ('mini-imagenet', 1, dict(norm_train_features=True, test_shots=1), '59.84 ± 0.22'),
     ('tiered-imagenet', 5, dict(norm_train_features=True, train_queries=35, meta_batch_size=1, test_shots=5), '83.69 ± 0.02'),
@@ -192,8 +194,8 @@ def _check(cfg):
         raise ValueError(f"model_kwargs must be keyword arguments of the architecture, a dict (a JSON object at the shell, "
                          f"e.g. '{{\"channels\": [64, 160, 320, 640]}}'), got {cfg['model_kwargs']!r}")
     if cfg['decay_rate'] > 1: raise ValueError(f"decay_rate multiplies the learning rate, so it is at most 1, got {cfg['decay_rate']}")
-    if cfg['test_method'] == 'native' and cfg['algorithm'] == 'mtl':
-        raise ValueError("test_method native is a meta-learner's own head: with algorithm mtl use l2, sklearn or proto")
+    if cfg['test_method'] == 'native' and cfg['algorithm'] in SOFTMAX_ALGORITHMS:
+        raise ValueError(f"test_method native is a meta-learner's own head: with algorithm {cfg['algorithm']} use l2, sklearn or proto")
     _val_probe(cfg)
     get_opt(cfg['optim'])
     local_batch(cfg['meta_batch_size'])
@@ -261,14 +263,13 @@ def _configure(given: dict):
 
 
 def _learner(cfg, device):
-    "The DataLoaders and the learner of the configuration, MTL's or a meta-learner's."
+    "The DataLoaders and the learner of the configuration's algorithm."
     algo = dict(algorithm=cfg['algorithm'], shots=cfg['train_shots'], **{k: cfg[k] for k in META_OPTIONS})
-    make = mtl_learner if cfg['algorithm'] == 'mtl' else partial(meta_learner, **algo)
-    learn = make(_dls(cfg, device), arch=cfg['model'], pretrained=cfg['pretrained'],
-                 norm_train_features=cfg['norm_train_features'], opt=cfg['optim'], lr=cfg['lr'],
-                 wd=cfg['weight_decay'], arch_kwargs=cfg['model_kwargs'], probe=_val_probe(cfg),
-                 precision='fp16' if cfg['fp16'] else 'bf16' if cfg['bf16'] else 'fp32',
-                 channels_last=cfg['channels_last'], size=cfg['size'] if cfg['pretrained'] else None)
+    learn = meta_learner(_dls(cfg, device), **algo, arch=cfg['model'], pretrained=cfg['pretrained'],
+                         norm_train_features=cfg['norm_train_features'], original_head=cfg['original_head'],
+                         opt=cfg['optim'], lr=cfg['lr'], wd=cfg['weight_decay'], arch_kwargs=cfg['model_kwargs'],
+                         probe=_val_probe(cfg), precision='fp16' if cfg['fp16'] else 'bf16' if cfg['bf16'] else 'fp32',
+                         channels_last=cfg['channels_last'], size=cfg['size'] if cfg['pretrained'] else None)
     if cfg['freeze_epochs']: learn.add_cb(FrozenEpochs(cfg['freeze_epochs']))
     return learn if cfg['progress'] else quiet(learn)   # progress bars as asked
 

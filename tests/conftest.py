@@ -59,18 +59,18 @@ def server():
 
 @pytest.fixture(scope='session')
 def glyph_root(tmp_path_factory):
-    "A data folder holding the embedded glyphs benchmark, rendered once for the whole session."
-    from fsmtl.data.glyphs import glyphs
+    "A data folder holding the embedded glyphs benchmark's small setting ('glyphs-small'), rendered once for the whole session."
+    from fsmtl.data.glyphs import SMALL_IMAGES, glyphs
     root = tmp_path_factory.mktemp('glyph-data')
-    glyphs(root, progress=False)
+    glyphs(root, n_images=SMALL_IMAGES, progress=False)
     return root
 
 
 @pytest.fixture(scope='session')
 def glyph_splits(glyph_root):
-    "The embedded glyphs benchmark (`FewShotSplits`), read from `glyph_root`."
-    from fsmtl.data.glyphs import glyphs
-    return glyphs(glyph_root, progress=False)
+    "The embedded glyphs benchmark's small setting (`FewShotSplits`), read from `glyph_root`."
+    from fsmtl.data.glyphs import SMALL_IMAGES, glyphs
+    return glyphs(glyph_root, n_images=SMALL_IMAGES, progress=False)
 
 
 # Torch threads of the tests that train: one, unless FSMTL_TEST_THREADS says otherwise (the margins are checked under 1 and 2).

@@ -10,7 +10,7 @@ from fastai.callback.core import Callback
 from fastai.torch_core import set_seed
 
 from fsmtl.data.block import mtl_dls
-from fsmtl.data.glyphs import glyphs
+from fsmtl.data.glyphs import SMALL_IMAGES, glyphs
 from fsmtl.distributed import init_distributed, rank, rank_seed
 from fsmtl.evaluate import evaluate
 from fsmtl.learner import mtl_learner
@@ -36,7 +36,7 @@ class Batches(Callback):
 
 def parts(out, root):
     init_distributed()
-    splits = glyphs(root, progress=False)
+    splits = glyphs(root, n_images=SMALL_IMAGES, progress=False)
     torch.manual_seed(0)
     backbone, _ = create_backbone('resnet12', channels=CHANNELS)
     accs = {s: r.accs for s, r in evaluate(backbone, splits, progress=False, **EVAL).items()}
@@ -65,7 +65,7 @@ def fail(out, root):
     if rank() == 1:
         def unreadable(self, s): raise OSError(f"rank {rank()} cannot read the images of its task")
         fsmtl.data.tasks.TaskDL.create_item = unreadable
-    return main(['train', '--root', root, '--log_dir', f'{out}/runs', '--model_kwargs', '{"channels": [8, 16, 16, 32]}',
+    return main(['train', '--dataset', 'glyphs-small', '--root', root, '--log_dir', f'{out}/runs', '--model_kwargs', '{"channels": [8, 16, 16, 32]}',
                  '--meta_batch_size', '2', '--epoch_length', '8', '--val_epoch_length', '2', '--final_test_epoch_length', '2',
                  '--max_epochs', '1'])
 

@@ -22,7 +22,7 @@ from fsmtl.train import train
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
-TINY = dict(model_kwargs=dict(channels=(8, 16, 16, 32)), meta_batch_size=2, epoch_length=16, val_epoch_length=10,
+TINY = dict(dataset='glyphs-small', model_kwargs=dict(channels=(8, 16, 16, 32)), meta_batch_size=2, epoch_length=16, val_epoch_length=10,
             final_test_epoch_length=10, scheduler='plateau', decay_patience=1, max_epochs=3)
 
 

@@ -164,7 +164,7 @@ def test_test_time_finetuning_changes_only_a_copy(weights):
 @pytest.mark.slow
 def test_train_with_pretrained_weights_and_frozen_epochs(weights, glyph_root, tmp_path):
     from fsmtl.cli import main
-    args = ['train', '--root', str(glyph_root), '--log_dir', str(tmp_path / 'runs'), '--run_name', 'r', '--model', 'resnet10t',
+    args = ['train', '--dataset', 'glyphs-small', '--root', str(glyph_root), '--log_dir', str(tmp_path / 'runs'), '--run_name', 'r', '--model', 'resnet10t',
             '--model_kwargs', json.dumps(ARCH), '--pretrained', str(weights), '--freeze_epochs', '1', '--size', '36',
             '--max_epochs', '1', '--scheduler', 'one_cycle', '--epoch_length', '4', '--meta_batch_size', '2',
             '--val_epoch_length', '2', '--final_test_epoch_length', '2', '--test_queries', '2', '--gpu', '-1']

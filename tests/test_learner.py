@@ -47,12 +47,14 @@ def test_multitask_loss_rejects_partial_tasks():
     with pytest.raises(ValueError, match='whole tasks'): MultiTaskLoss(5, 2)(torch.randn(7, 10), torch.zeros(7).long())
 
 
+class Fixed(torch.nn.Module):
+    def forward(self, x): return x.flatten(1)
+
+
 def test_mtl_model_head_and_normalised_features():
-    class Fixed(torch.nn.Module):
-        def forward(self, x): return x.flatten(1)
     torch.manual_seed(0)
     n_base, dim, ways = 64, 640, 5
-    m = MTLModel(Fixed(), dim, n_base, ways)
+    m = MTLModel(Fixed(), dim, n_base, ways, original_head=True)
     assert dict(m.named_parameters()).keys() == {'head'} and m.head.shape == (n_base, dim)   # no bias
     # Kaiming-uniform with a=sqrt(5) draws from U(-1/sqrt(D), 1/sqrt(D)); the original scales it by sqrt(n_base/ways)
     bound = math.sqrt(n_base / ways) / math.sqrt(dim)
@@ -63,6 +65,29 @@ def test_mtl_model_head_and_normalised_features():
     torch.testing.assert_close(m(x), x @ h.T)
     m.norm_train_features = True
     torch.testing.assert_close(m(x), (x / x.norm(dim=1, keepdim=True)) @ h.T)
+
+
+def test_default_head_starts_every_task_at_chance():
+    n_base, dim, ways, per_class = 64, 32, 5, 4
+    m = MTLModel(Fixed(), dim, n_base, ways)
+    assert not m.head.detach().any()
+    y = task_batch(3, ways, per_class, n_base, torch.Generator().manual_seed(0))
+    # equal logits: each image's probability of its class is 1/ways
+    assert MultiTaskLoss(ways, per_class)(m(torch.randn(len(y), dim)), y).item() == pytest.approx(math.log(ways), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_default_head_trains_above_chance(glyph_splits):
+    torch.manual_seed(0)
+    dls = mtl_dls(glyph_splits, meta_batch_size=3, epoch_length=60, val_episodes=2, test_episodes=2, device='cpu')
+    learn = mtl_learner(dls, arch_kwargs=SMALL, lr=1e-2)
+    first = []
+    learn.fit(4, cbs=[type('First', (Callback,), dict(after_loss=lambda cb: first or first.append(cb.loss.item())))()])
+    assert first[0] == pytest.approx(math.log(5), abs=1e-5)
+    names = learn.recorder.metric_names[1:]
+    # at chance (1/5) a task's accuracy over 50 images spreads by sqrt(0.2*0.8/50) = 0.057, the mean of 60 tasks by 0.0073:
+    # a 95% CI of 0.014, and the margin is more than 3 times that
+    assert learn.recorder.values[-1][names.index('task_acc')] > 0.2 + 0.05
 
 
 def test_optimisers_by_name():

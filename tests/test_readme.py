@@ -60,8 +60,9 @@ def test_make_train_command_runs_shortened(tmp_path, glyph_root):
     makefile = (Path(__file__).parents[1] / 'Makefile').read_text()
     recipe = re.search(r"\ntrain:.*?\n\t(\$\(VENV\)/bin/fsmtl train .*?)\n\n", makefile, re.S).group(1).replace('\\\n\t\t', '')
     args = shlex.split(recipe)[2:] + ['--max_epochs', '1', '--epoch_length', '12', '--val_epoch_length', '10',
-                                      '--final_test_epoch_length', '20', '--log_dir', str(tmp_path), '--root', str(glyph_root)]
-    assert '--baseline' in args and '--max_epochs' in args[:-14]
+                                      '--final_test_epoch_length', '20', '--log_dir', str(tmp_path), '--root', str(glyph_root),
+                                      '--dataset', 'glyphs-small']
+    assert '--baseline' in args and '--max_epochs' in args[:-16]
     res = subprocess.run([str(Path(sys.executable).parent / 'fsmtl'), 'train', *args], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     assert re.search(r'5-way 1-shot: [\d.]+ ± [\d.]+% \(20 episodes\)\s+untrained backbone', res.stdout)

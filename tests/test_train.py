@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 
 def small(root, tmp_path, **kw):
     "Options of a short CPU run on glyphs with a small ResNet-12."
-    return dict(dict(dataset='glyphs', root=str(root), log_dir=str(tmp_path / 'runs'), run_name='run',
+    return dict(dict(dataset='glyphs-small', root=str(root), log_dir=str(tmp_path / 'runs'), run_name='run',
                      model_kwargs=dict(channels=(16, 32, 32, 64)), meta_batch_size=2, epoch_length=40,
                      val_epoch_length=20, final_test_epoch_length=40, scheduler='one_cycle', lr=3e-3, max_epochs=3,
                      progress=False, seed=TEST_SEED), **kw)
@@ -171,6 +171,8 @@ def _flags(cmd):
 
 def test_recipes_table_matches_the_original_readme():
     ours = [_flags(T.recipe_command(r)) for r in T.RECIPES]
+    # each keeps the original code's head, so that it reproduces the paper
+    assert all(f.pop('--original_head') is True for f in ours)
     assert len(ours) == 8 and all(_flags(r) in ours for r in RECIPES)
     paper = {('mini-imagenet', 1): '59.84 ± 0.22', ('mini-imagenet', 5): '77.72 ± 0.09', ('fc100', 1): '42.4 ± 0.2'}
     assert all(r['paper'] == paper[k] for r in T.RECIPES if (k := (r['dataset'], r['shots'])) in paper)

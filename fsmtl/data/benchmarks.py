@@ -268,8 +268,14 @@ def _glyphs(root, download, **kwargs):
     return glyphs(root, **kwargs)
 
 
+def _glyphs_small(root, download, **kwargs):
+    from .glyphs import SMALL_IMAGES, glyphs
+    return glyphs(root, **{'n_images': SMALL_IMAGES, **kwargs})
+
+
 BENCHMARKS = {'mini-imagenet': _mini_imagenet, 'tiered-imagenet': _tiered_imagenet, 'cifarfs': _cifarfs,
-              'fc100': _fc100, 'glyphs': _glyphs, 'folder': lambda root, download, **kw: folder_benchmark(root, **kw)}
+              'fc100': _fc100, 'glyphs': _glyphs, 'glyphs-small': _glyphs_small,
+              'folder': lambda root, download, **kw: folder_benchmark(root, **kw)}
 
 
 def _key(name): return ''.join(c for c in str(name).lower() if c.isalnum())

@@ -1,12 +1,15 @@
-"The embedded benchmark: letters drawn in matplotlib's fonts, split by script."
+"The embedded benchmark: letters drawn in matplotlib's fonts and distorted as scans of letters vary, split by script."
 from __future__ import annotations
 import json, unicodedata
+from functools import partial
 from pathlib import Path
 
 import matplotlib
 import numpy as np
 from matplotlib.ft2font import FT2Font, LoadFlags
-from PIL import Image, ImageFilter
+import torch
+import torch.nn.functional as F
+from PIL import Image
 from scipy.ndimage import distance_transform_edt
 from tqdm.auto import tqdm
 
@@ -14,9 +17,11 @@ from ..files import write_atomic
 from ..runlog import interactive
 from .core import SPLITS, FewShotSplits, Split
 
-__all__ = ['glyphs']
+__all__ = ['glyphs', 'SMALL_IMAGES']
 
-VERSION = 1
+# 2: hundreds of images a class, distorted in batches (slant, wobble, stroke width, blur, tones, noise)
+VERSION = 2
+SMALL_IMAGES = 20   # images a class of the small setting ('glyphs-small'): tests, and the regime before version 2
 # Whole scripts per split, as Omniglot splits by alphabet: test letters come from scripts never seen in training.
 SCRIPTS = {'train': ('LATIN', 'GREEK', 'CYRILLIC'), 'val': ('ARMENIAN', 'LAO'), 'test': ('GEORGIAN',)}
 MIN_FONTS = 8
@@ -94,48 +99,86 @@ def _letters(fonts):
     return kept
 
 
-def _distort(ink, rng, size):
-    "`ink` pasted dark on light into a `size` square, randomly distorted."
-    # a random stroke width, scale, aspect and shift
-    im = Image.fromarray(ink)
-    stroke = rng.integers(-1, 2)  # thinner, as drawn or bolder, by a fraction of a pixel at the final size
-    if stroke: im = im.filter(ImageFilter.MaxFilter(3) if stroke > 0 else ImageFilter.MinFilter(3))
-    scale = size*rng.uniform(0.6, 0.9)/max(ink.shape)
-    w = min(size, max(1, round(ink.shape[1]*scale*rng.uniform(0.8, 1.2))))
-    h = min(size, max(1, round(ink.shape[0]*scale)))
-    x, y = rng.integers(0, size-w+1), rng.integers(0, size-h+1)
-    out = np.full((size, size), 255, np.uint8)
-    out[y:y+h, x:x+w] = 255 - np.asarray(im.resize((w, h), Image.LANCZOS))
+def _master(ink, side):
+    "`ink` scaled to fill 3/4 of a `side` square, centred: a letter's design before distortion, ink 0..1."
+    h, w = ink.shape
+    scale = 0.75*side/max(h, w)
+    w, h = max(1, round(w*scale)), max(1, round(h*scale))
+    out = np.zeros((side, side), np.float32)
+    out[(side-h)//2:][:h, (side-w)//2:][:, :w] = np.asarray(Image.fromarray(ink).resize((w, h), Image.LANCZOS))/255
     return out
 
 
-def _render(seed, n_images, size, progress):
+def _uniform(gen, n, lo, hi): return lo + (hi - lo)*torch.rand(n, generator=gen)
+
+
+def _gauss(x, sigma, k):
+    "`x` (B, 1, H, W) blurred by a Gaussian of width `sigma` pixels (a float, or one per image (B,)), `k` taps a side."
+    r = torch.arange(k) - k//2
+    sigma = torch.as_tensor(sigma, dtype=torch.float32).clamp(min=1e-3).reshape(-1, 1)
+    g = torch.exp(-r**2/(2*sigma**2))
+    b, _, h, w = x.shape
+    # each image a channel of its own: torch's depthwise convolution is many times faster on the CPU than a batch of one channel
+    g = (g/g.sum(1, keepdim=True)).expand(b, k)[:, None, None]   # (B, 1, 1, k)
+    x = F.conv2d(x.view(1, b, h, w), g, padding=(0, k//2), groups=b)   # along rows, then columns
+    return F.conv2d(x, g.transpose(2, 3), padding=(k//2, 0), groups=b).view(b, 1, h, w)
+
+
+def _distort(masters, gen, size):
+    "Images (B, `size`, `size`) uint8, dark on light, of `masters` (B, 1, 2*`size`, 2*`size`), each randomly distorted."
+    # as scans of letters vary: slant, rotation, size, aspect and place; a wobble of the strokes; stroke width; blur,
+    # ink and paper tones and sensor noise. Drawn at twice the size, then averaged down.
+    b, u = len(masters), partial(_uniform, gen, len(masters))
+    rot, slant, scale, aspect = u(-0.2, 0.2), u(-0.35, 0.35), u(0.75, 1.1), u(0.8, 1.2)
+    cos, sin = rot.cos(), rot.sin()
+    # output = R @ slant @ diag(scale*aspect, scale) @ input + shift; grid_sample wants input in terms of output
+    fwd = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1) @ \
+          torch.stack([torch.stack([scale*aspect, slant*scale], 1), torch.stack([torch.zeros(b), scale], 1)], 1)
+    inv, shift = torch.linalg.inv(fwd), torch.stack([u(-0.15, 0.15), u(-0.15, 0.15)], 1)
+    grid = F.affine_grid(torch.cat([inv, -(inv @ shift[..., None])], 2), list(masters.shape), align_corners=False)
+    side = masters.shape[-1]
+    wobble = u(0, 0.08)[:, None, None, None]*torch.randn(b, 2, 4, 4, generator=gen)   # smooth, elastic displacement
+    grid = grid + F.interpolate(wobble, size=(side, side), mode='bilinear', align_corners=True).permute(0, 2, 3, 1)
+    ink = F.grid_sample(masters, grid, align_corners=False)
+    # stroke width: the blurred ink thresholded at a random share of its peak, lower for bolder strokes
+    soft = _gauss(ink, side/40, 2*(side//20)+1)
+    level = u(0.15, 0.6)[:, None, None, None]*soft.amax((1, 2, 3), keepdim=True)
+    ink = F.avg_pool2d(torch.sigmoid((soft - level)/0.04), 2)
+    ink = _gauss(ink, u(0.05, 0.9), 5)
+    paper, dark = u(170, 255)[:, None, None, None], u(0, 110)[:, None, None, None]
+    out = paper + (dark - paper)*ink + u(0, 10)[:, None, None, None]*torch.randn(ink.shape, generator=gen)
+    return out.round().clamp(0, 255).to(torch.uint8)[:, 0].numpy()
+
+
+def _render(seed, n_images, size, progress, chunk=2048):
     "Arrays to cache: per split, grey images, labels and class names; stats; meta."
     # the stats: mean and std; the meta as JSON
     fonts = _fonts()
     letters = _letters(fonts)
-    rng = np.random.default_rng(seed)
+    rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     res, meta = {}, {'scripts': {}, 'unicode_names': {}, 'fonts': {}, 'fonts_per_class': {},
                      'matplotlib': matplotlib.__version__}
     # fastprogress 1.1 writes to stdout even with display=False; tqdm stays quiet when disabled.
     bar = tqdm(total=len(letters), desc='rendering glyphs', disable=not (progress and interactive()), leave=False)
     for split in SPLITS:
         chars = [ch for ch in letters if _script(ch) in SCRIPTS[split]]
-        ims, labels = [], []
+        designs, which, labels = [], [], []
         for label, ch in enumerate(chars):
             names = letters[ch]
             # Cycle through the fonts from a random start, so that every font of the letter is drawn.
-            start = rng.integers(len(names))
-            for i in range(max(n_images, len(names))):
-                ink = _draw(fonts[names[(start+i) % len(names)]], ch, 3*size, rng.uniform(-15, 15))
-                ims.append(_distort(ink, rng, size))
-                labels.append(label)
+            start, first = rng.integers(len(names)), len(designs)
+            designs += [_master(_draw(fonts[n], ch, 3*size), 2*size) for n in names]
+            n = max(n_images, len(names))
+            which.append(first + (start + np.arange(n)) % len(names))
+            labels.append(np.full(n, label))
             meta['unicode_names'][ch] = unicodedata.name(ch)
             meta['fonts'][ch] = names
             meta['fonts_per_class'][ch] = len(names)
             bar.update()
+        designs, which = torch.from_numpy(np.stack(designs))[:, None], np.concatenate(which)
+        ims = [_distort(designs[which[i:i+chunk]], gen, size) for i in range(0, len(which), chunk)]
         meta['scripts'][split] = [s for s in SCRIPTS[split] if any(_script(ch) == s for ch in chars)]
-        res[f'x_{split}'], res[f'y_{split}'], res[f'c_{split}'] = np.stack(ims), np.array(labels), np.array(chars)
+        res[f'x_{split}'], res[f'y_{split}'], res[f'c_{split}'] = np.concatenate(ims), np.concatenate(labels), np.array(chars)
     bar.close()
     x = res['x_train']/255
     res['mean'], res['std'] = np.full(3, x.mean()), np.full(3, x.std())
@@ -145,11 +188,12 @@ def _render(seed, n_images, size, progress):
 
 def glyphs(root='~/data',      # folder that holds the `glyphs/` cache
            seed=0,             # seed of the random distortions
-           n_images=20,        # least number of images per class (more when a letter has more fonts)
+           n_images=300,       # least number of images per class (more when a letter has more fonts)
            size=32,            # side of the square images
            progress=True,      # show a progress bar while rendering
           ) -> FewShotSplits:
     "Letters drawn in matplotlib's fonts with random distortions, split by script."
+    # 250 base classes of `n_images` each by default: the shape of the paper's benchmarks (64 to 351 base classes of 600)
     if n_images < 1 or size < 8: raise ValueError(f"need n_images >= 1 and size >= 8, got {n_images} and {size}")
     path = Path(root).expanduser()/'glyphs'/f'glyphs_v{VERSION}_seed{seed}_n{n_images}_s{size}.npz'
     if not path.exists():  # rendered once, then cached
