@@ -2,7 +2,6 @@
 from __future__ import annotations
 import io
 import random
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from fastcore.foundation import L
 from torch import nn
 
 from .distributed import gather_objects, is_main, rank, unwrap, world
-from .files import write_atomic
+from .files import read_torch_file, write_atomic
 
 __all__ = ['save_atomic', 'read_checkpoint', 'load_weights', 'backbone_from_checkpoint', 'Checkpoints', 'rng_state',
            'set_rng_state', 'own_rng_state']
@@ -47,29 +46,7 @@ def read_checkpoint(path,                 # a checkpoint file, or a run folder
             have = ', '.join(sorted(f.name for f in path.glob('*.pth'))) or 'no checkpoint'
             raise FileNotFoundError(f"No {prefer}.pth in the run folder {path} (it holds {have})")
         path = path / f'{prefer}.pth'
-    if not path.is_file(): raise FileNotFoundError(f"No {what} file {path}")
-    size = path.stat().st_size
-    if size == 0: raise ValueError(f"Cannot read {what} {path}: the file is empty (0 bytes); {fix}")
-    with open(path, 'rb') as f: head = f.read(4)
-    # torch.save writes a zip archive; torch before 1.6 a pickle (protocol 2 starts with 0x80)
-    if not (head.startswith(b'PK') or head.startswith(b'\x80')):
-        raise ValueError(f"Cannot read {what} {path}: it is not a file torch.save wrote ({size} bytes starting "
-                         f"{head!r}); {fix}")
-    try: return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        if b'fastai.learner' in _pickle_of(path):
-            raise ValueError(f"{path} is a fastai Learner saved by learn.export(), not an fsmtl {what}: turn it into a "
-                             "classifier file with FewShotClassifier.from_learner(load_learner(path)).save('clf.pt'), "
-                             "then use that file") from e
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"Cannot read {what} {path} ({size} bytes): {why}; {fix}") from e
-
-
-def _pickle_of(path) -> bytes:
-    "The pickle in the zip archive torch.save wrote to `path`, as bytes (never unpickled); empty when there is none."
-    try:
-        with zipfile.ZipFile(path) as z: return next((z.read(n) for n in z.namelist() if n.endswith('/data.pkl')), b'')
-    except (zipfile.BadZipFile, OSError): return b''
+    return read_torch_file(path, what, fix)
 
 
 def load_weights(module: nn.Module,  # the model to fill

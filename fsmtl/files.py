@@ -1,12 +1,15 @@
-"Files fsmtl writes: one atomic writer, and the lock of a run folder."
+"Files fsmtl writes and reads: one atomic writer, the lock of a run folder, and the reader of torch files."
 from __future__ import annotations
 import errno
 import fcntl
 import os
 import socket
+import zipfile
 from pathlib import Path
 
-__all__ = ['write_atomic', 'RunLock']
+import torch
+
+__all__ = ['write_atomic', 'RunLock', 'read_torch_file']
 
 
 def write_atomic(path,  # the file to write
@@ -68,3 +71,33 @@ class RunLock:
         fcntl.flock(self.file, fcntl.LOCK_UN)
         self.file.close()
         self.file = None
+
+
+def read_torch_file(path,      # a file torch.save wrote
+                    what: str,  # what the file should be, for messages
+                    fix: str):  # what to do instead, for messages
+    "A file torch.save wrote, loaded with `weights_only`; a clear error for any other file."
+    path = Path(path).expanduser()
+    if not path.is_file(): raise FileNotFoundError(f"No {what} file {path}")
+    size = path.stat().st_size
+    if size == 0: raise ValueError(f"Cannot read {what} {path}: the file is empty (0 bytes); {fix}")
+    with open(path, 'rb') as f: head = f.read(4)
+    # torch.save writes a zip archive; torch before 1.6 a pickle (protocol 2 starts with 0x80)
+    if not (head.startswith(b'PK') or head.startswith(b'\x80')):
+        raise ValueError(f"Cannot read {what} {path}: it is not a file torch.save wrote ({size} bytes starting "
+                         f"{head!r}); {fix}")
+    try: return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        if b'fastai.learner' in _pickle_of(path):
+            raise ValueError(f"{path} is a fastai Learner saved by learn.export(), not an fsmtl {what}: turn it into a "
+                             "classifier file with FewShotClassifier.from_learner(load_learner(path)).save('clf.pt'), "
+                             "then use that file") from e
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"Cannot read {what} {path} ({size} bytes): {why}; {fix}") from e
+
+
+def _pickle_of(path) -> bytes:
+    "The pickle in the zip archive torch.save wrote to `path`, as bytes (never unpickled); empty when there is none."
+    try:
+        with zipfile.ZipFile(path) as z: return next((z.read(n) for n in z.namelist() if n.endswith('/data.pkl')), b'')
+    except (zipfile.BadZipFile, OSError): return b''

@@ -6,7 +6,7 @@ from pathlib import Path
 import timm
 from torch import nn
 
-from ..checkpoint import read_checkpoint
+from ..files import read_torch_file
 from .resnet12 import ResNet12  # noqa: F401 (importing it registers 'resnet12' with timm)
 
 __all__ = ['create_backbone', 'check_arch']
@@ -29,7 +29,7 @@ def _weights_file(path) -> Path:
                                                    ".safetensors file, or True for timm's weights from the hub")
     if path.suffix == '.safetensors': return path   # read by safetensors, which checks it itself
     fix = "pretrained= (--pretrained) takes a weights file: a state dict saved by torch.save, or .safetensors"
-    st = read_checkpoint(path, what='weights file', fix=fix)
+    st = read_torch_file(path, "weights file", fix)
     if isinstance(st, dict) and {'arch', 'backbone'} <= set(st):
         raise ValueError(f"{path} is an fsmtl checkpoint, not a weights file: test it with fsmtl test --load_path {path}, "
                          "or start training from its weights with --load_path (load_path=) instead of --pretrained")
