@@ -1,0 +1,114 @@
+"torchvision datasets and Omniglot as few-shot benchmarks, and the cross-domain test from Python and the shell."
+import contextlib
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+import torchvision.datasets as tvd
+from PIL import Image
+
+from fsmtl.data.benchmarks import get_benchmark
+from fsmtl.data.block import episode_dl
+from fsmtl.data.core import SPLITS
+from fsmtl.data.download import DataUnavailable
+from fsmtl.data.torchvision_domains import TORCHVISION_DATASETS
+from torchvision_fakes import FAKES
+
+SIZE = 20
+
+
+@contextlib.contextmanager
+def md5_unchecked(modules):
+    "torchvision's md5 check of `modules`' files passed, as torchvision's own dataset tests patch it."
+    with contextlib.ExitStack() as stack:
+        for m in modules: stack.enter_context(mock.patch(f'torchvision.datasets.{m}.check_integrity', return_value=True))
+        yield
+
+
+def fake(name, root):
+    "Write the fake files of `name` under `root`; the context in which torchvision reads them."
+    write, patched = FAKES[name]
+    write(root)
+    return md5_unchecked(patched)
+
+
+def reference(name, root):
+    "(class name, resized image) of every image of every part, as torchvision's own dataset objects return them."
+    spec = TORCHVISION_DATASETS[name]
+    out = {}
+    for p, kw in enumerate(spec.parts):
+        ds = getattr(tvd, name)(root, **kw)
+        names = getattr(ds, 'classes', None) or getattr(ds, '_characters', None)
+        for j in range(len(ds)):
+            im, y = ds[j]
+            out[(p, j)] = (str(names[y]) if names else f'class {y}', np.asarray(im.convert('RGB').resize((SIZE, SIZE), Image.BILINEAR)))
+    return out
+
+
+@pytest.mark.parametrize('name', list(FAKES))
+def test_torchvision_benchmark(tmp_path, name):
+    "Every image once, in the class torchvision gives it, with its pixels; classes split disjointly; episodes stay in a split."
+    with fake(name, tmp_path):
+        splits = get_benchmark(f'torchvision:{name}', tmp_path, download=False, size=SIZE, ratios=(0.4, 0.2, 0.4))
+        ref = reference(name, tmp_path)
+        seen = set()
+        for s in SPLITS:
+            split = splits[s]
+            keys = [tuple(int(v) for v in k) for k in split.items.index]
+            seen.update(keys)
+            ims = split.load(np.arange(len(split)))
+            for k, label, im in zip(keys, split.labels, ims):
+                assert split.classes[label] == ref[k][0]
+                np.testing.assert_array_equal(im, ref[k][1])
+        assert seen == set(ref) and sum(len(splits[s]) for s in SPLITS) == len(ref)
+        classes = {c for c, _ in ref.values()}
+        assert sorted(c for s in SPLITS for c in splits[s].classes) == sorted(classes)
+        assert all(splits[s].n_classes >= 1 for s in SPLITS)
+        # episodes of the test classes hold only test images: their labels are the test split's global ids
+        dl = episode_dl(splits, 'test', ways=2, shots=1, queries=1, n=3, device='cpu', num_workers=0)
+        first = splits.train.n_classes + splits.val.n_classes
+        y = torch.cat([b[1] for b in dl])
+        assert ((y >= first) & (y < first + splits.test.n_classes)).all()
+
+
+def test_split_ratios_and_test_only(tmp_path):
+    "Shares of the classes as asked, the same for one seed, another draw for another; test_only puts all in test."
+    with fake('EuroSAT', tmp_path):
+        splits = get_benchmark('torchvision:eurosat', tmp_path, download=False, ratios=(4, 2, 1))
+        assert [splits[s].n_classes for s in SPLITS] == [4, 2, 1]   # 7 classes: round(7 * 2/7) val, round(7 * 1/7) test
+        again = get_benchmark('torchvision:EuroSAT', tmp_path, download=False, ratios=(4, 2, 1))
+        assert all(splits[s].classes == again[s].classes for s in SPLITS)
+        draws = {tuple(get_benchmark('torchvision:EuroSAT', tmp_path, download=False, seed=k).test.classes) for k in range(6)}
+        assert len(draws) > 1
+        every = get_benchmark('torchvision:EuroSAT', tmp_path, download=False, split='test_only')
+        assert every.test.classes == [f'Land{c}' for c in range(7)] and len(every.test) == 42
+        assert len(every.train) == len(every.val) == 0 and every.train.image_size() == 64   # EuroSAT's 64px
+
+
+def test_omniglot_lake_split(tmp_path):
+    "Test classes are torchvision's evaluation characters, train and val its background ones."
+    with fake('Omniglot', tmp_path):
+        splits = get_benchmark('torchvision:Omniglot', tmp_path, download=False)
+        background = set(tvd.Omniglot(tmp_path, background=True)._characters)
+        evaluation = set(tvd.Omniglot(tmp_path, background=False)._characters)
+    assert set(splits.test.classes) == evaluation
+    assert set(splits.train.classes) | set(splits.val.classes) == background
+    assert (splits.train.n_classes, splits.val.n_classes) == (7, 2)   # 9 background characters by 0.6 : 0.2
+    assert splits.test.image_size() == 28
+
+
+def test_offline_names_the_files(tmp_path):
+    "No files and no download: torchvision's message, where it reads, and how to download."
+    with pytest.raises(DataUnavailable) as e: get_benchmark('torchvision:EuroSAT', tmp_path, download=False)
+    msg = str(e.value)
+    assert 'Dataset not found' in msg and str(tmp_path / 'eurosat' / '2750') in msg and '--download' in msg
+
+
+@pytest.mark.parametrize('name, says', [('Nope', "no dataset 'Nope'"), ('VOCDetection', 'object detection'),
+                                        ('voc_segmentation', 'no dataset'), ('VOCSegmentation', 'segmentation'),
+                                        ('ImageNet', 'not read by fsmtl')])
+def test_unknown_or_not_classification(tmp_path, name, says):
+    "Refused before any file is read, with the supported names."
+    with pytest.raises(ValueError) as e: get_benchmark(f'torchvision:{name}', tmp_path)
+    assert says in str(e.value) and 'EuroSAT, Flowers102' in str(e.value)
