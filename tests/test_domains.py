@@ -1,5 +1,7 @@
 "torchvision datasets and Omniglot as few-shot benchmarks, and the cross-domain test from Python and the shell."
 import contextlib
+import dataclasses
+import json
 from unittest import mock
 
 import numpy as np
@@ -8,14 +10,22 @@ import torch
 import torchvision.datasets as tvd
 from PIL import Image
 
+from fsmtl.checkpoint import backbone_from_checkpoint, read_checkpoint
+from fsmtl.cli import main
 from fsmtl.data.benchmarks import get_benchmark
 from fsmtl.data.block import episode_dl
 from fsmtl.data.core import SPLITS
 from fsmtl.data.download import DataUnavailable
 from fsmtl.data.torchvision_domains import TORCHVISION_DATASETS
-from torchvision_fakes import FAKES
+from fsmtl.domains import domain_splits
+from fsmtl.evaluate import evaluate
+from fsmtl.probe import get_probe
+from fsmtl.train import train
+from helpers import coded_splits, shapes_folder
+from torchvision_fakes import FAKES, eurosat
 
 SIZE = 20
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @contextlib.contextmanager
@@ -112,3 +122,66 @@ def test_unknown_or_not_classification(tmp_path, name, says):
     "Refused before any file is read, with the supported names."
     with pytest.raises(ValueError) as e: get_benchmark(f'torchvision:{name}', tmp_path)
     assert says in str(e.value) and 'EuroSAT, Flowers102' in str(e.value)
+
+
+
+@pytest.fixture(scope='module')
+def run(glyph_root, tmp_path_factory):
+    "A run folder with a glyph-trained tiny backbone (one short epoch)."
+    tmp = tmp_path_factory.mktemp('domains-run')
+    res = train(dataset='glyphs', root=str(glyph_root), log_dir=str(tmp), run_name='run', max_epochs=1,
+                model_kwargs=dict(channels=(8, 16, 16, 32)), meta_batch_size=2, epoch_length=4, val_epoch_length=2,
+                final_test_epoch_length=2, scheduler='one_cycle', progress=False, gpu=-1)
+    return res.run_dir
+
+
+@pytest.fixture(scope='module')
+def domains_root(tmp_path_factory):
+    "EuroSAT in torchvision's layout, and a folder of shape classes."
+    root = tmp_path_factory.mktemp('domains-data')
+    eurosat(root, per_class=8)
+    shapes_folder(root / 'shapes', per_class=8)
+    return root
+
+
+def test_shell_equals_python(run, domains_root, capsys):
+    "fsmtl test over two domains: one table, a JSON per domain, EuroSAT's numbers those `evaluate` gives on its episodes."
+    shapes = f"folder:{domains_root / 'shapes'}"
+    args = ['test', '--load_path', str(run), '--dataset', 'torchvision:EuroSAT', '--dataset', shapes, '--root',
+            str(domains_root), '--final_test_epoch_length', '6', '--test_queries', '2', '--num_workers', '0', '--gpu', '-1']
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert '| torchvision:EuroSAT | 7 |' in out and f'| {shapes} | 10 |' in out and '| 1-shot | 5-shot |' in out
+    assert [d['domain'] for d in json.loads((run / 'test_domains.json').read_text())] == ['torchvision:EuroSAT', shapes]
+    (folder_json,) = run.glob('test_folder-*-shapes.json')
+    assert json.loads(folder_json.read_text())['classes'] == 10
+    got = json.loads((run / 'test_torchvision-EuroSAT.json').read_text())
+    # the reference: EuroSAT's classes all in test, at the checkpoint's side and statistics, scored by `evaluate`
+    st = read_checkpoint(run, prefer='best')
+    splits = get_benchmark('torchvision:EuroSAT', domains_root, download=False, split='test_only', size=st['image_size'])
+    splits = dataclasses.replace(splits, mean=tuple(st['mean']), std=tuple(st['std']))
+    want = evaluate(backbone_from_checkpoint(st, run), splits, ways=5, shots=(1, 5), queries=2, episodes=6, seed=0,
+                    probe=get_probe('l2', 3.), progress=False)
+    assert got['episodes'] == 6 and got['ways'] == 5 and got['classes'] == 7
+    for s in (1, 5): assert got[f'{s}shot']['mean'] == pytest.approx(want[s].mean, abs=1e-6)
+
+
+def test_all_classes_in_test():
+    "A benchmark tested as another domain: the classes of its three splits, with their images, all in test."
+    splits = coded_splits(n_train=3, n_val=2, n_test=2, per_class=4)
+    every = domain_splits(splits, split='test_only')
+    assert every.test.classes == splits.train.classes + splits.val.classes + splits.test.classes
+    want = np.concatenate([splits[s].items for s in SPLITS])
+    np.testing.assert_array_equal(every.test.load(np.arange(len(every.test))), want)
+    assert len(every.train) == len(every.val) == 0
+
+
+def test_bad_domains_refused_before_work(run, domains_root, capsys):
+    "Fewer classes than ways, or an unknown name: one line on stderr, exit 2, nothing scored."
+    args = ['test', '--load_path', str(run), '--root', str(domains_root), '--gpu', '-1']
+    for bad in (['--dataset', 'torchvision:EuroSAT', '--test_ways', '8'], ['--dataset', 'torchvision:VOCSegmentation'],
+                ['--dataset', 'torchvision:EuroSAT', '--bscd']):
+        assert main(args + bad) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and '8-way tasks need 8 classes but the test split of torchvision:EuroSAT has 7' in err[0]
+    assert 'segmentation' in err[1] and 'tasks need 65 images a class' in err[2]
