@@ -110,11 +110,11 @@ def _train(args):
 def _test(args):
     "Test a checkpoint and print the results: on its own test classes, or one table over several domains."
     from .distributed import is_main
-    from .domains import test_checkpoint_domains, wants_domains
+    from .domains import evaluate_checkpoint_domains, wants_domains
     from .train import evaluate_checkpoint
     opts = {k: v for k, v in vars(args).items() if k not in ('command', 'run', 'dataset', 'bscd', 'split', 'download')}
     if wants_domains(args):
-        res = test_checkpoint_domains(datasets=args.dataset, bscd=args.bscd, split=args.split, download=args.download, **opts)
+        res = evaluate_checkpoint_domains(datasets=args.dataset, bscd=args.bscd, split=args.split, download=args.download, **opts)
         if is_main(): print(res)
     else: _print_results(evaluate_checkpoint(**opts, **({'dataset': args.dataset[0]} if args.dataset else {})))
 

@@ -6,16 +6,21 @@ from pathlib import Path
 
 import numpy as np
 from fastai.learner import Learner
+from fastai.torch_core import default_device
 
+from .checkpoint import backbone_from_checkpoint, read_checkpoint
 from .data.benchmarks import get_benchmark
 from .data.block import FINAL_SHOTS, episode_dl
 from .data.core import SPLITS, FewShotSplits, Split
 from .data.tasks import check_task_size, shot_counts
 from .data.torchvision_domains import DatasetItems, empty_split
 from .evaluate import evaluate
+from .features import model_device
+from .probe import get_probe
 from .runlog import write_json
+from .train import _TEST_OPTIONS, _check_numbers, _device, _options
 
-__all__ = ['BSCD', 'DomainResults', 'domain_splits', 'evaluate_domains', 'test_checkpoint_domains', 'add_domain_flags',
+__all__ = ['BSCD', 'DomainResults', 'domain_splits', 'evaluate_domains', 'evaluate_checkpoint_domains', 'add_domain_flags',
            'wants_domains']
 
 # the settings of BSCD-FSL (Guo et al. 2020), the cross-domain benchmark of CropDisease, EuroSAT, ISIC and ChestX
@@ -69,7 +74,9 @@ def domain_splits(
 
 class DomainResults(dict):
     "`EvalResults` by domain, shown as one table."
-    def __init__(self, results, classes):  # results: domain -> `EvalResults`; classes: domain -> its test classes
+    def __init__(self,
+                 results,   # domain -> its `EvalResults`
+                 classes):  # domain -> the number of its test classes
         super().__init__(results)
         self.classes = classes
 
@@ -86,7 +93,8 @@ class DomainResults(dict):
 
     def __repr__(self): return self.table()
 
-    def to_dict(self, domain) -> dict:
+    def to_dict(self, domain  # one of the domains
+                ) -> dict:
         "The results of `domain` as JSON takes them."
         r = self[domain]
         some = next(iter(r.values()))
@@ -139,7 +147,6 @@ def evaluate_domains(
     if isinstance(domains, str): domains = [domains]
     if bscd: ways, shots, queries, episodes = BSCD['ways'], BSCD['shots'], BSCD['queries'], BSCD['episodes']
     if isinstance(learn_or_checkpoint, (str, Path)):
-        from .checkpoint import backbone_from_checkpoint, read_checkpoint
         p = Path(learn_or_checkpoint).expanduser()
         st = read_checkpoint(p, prefer='best')
         model, own = backbone_from_checkpoint(st, p), (st.get('config') or {}).get('dataset')
@@ -151,11 +158,7 @@ def evaluate_domains(
     # every domain is read and checked before any is scored
     data = {_name(d): domain_splits(d, root, own, split, download, model_input) for d in domains}
     for d, s in data.items(): check_task_size(s.test, ways, counts[-1] + queries, 'test', d)
-    if device is not None: model = model.to(device)
-    elif isinstance(learn_or_checkpoint, (str, Path)):
-        from fastai.torch_core import default_device
-        model = model.to(default_device())
-    from .features import model_device
+    if device is not None or isinstance(learn_or_checkpoint, (str, Path)): model = model.to(device or default_device())
     results = {}
     for d, s in data.items():
         dl = episode_dl(s, 'test', ways, counts[-1], queries, episodes, seed=seed, device=model_device(model),
@@ -166,28 +169,27 @@ def evaluate_domains(
     return res
 
 
-def test_checkpoint_domains(
+def evaluate_checkpoint_domains(
     load_path,           # a checkpoint file or a run folder
     datasets=None,       # the domains: benchmark names, 'torchvision:NAME' or 'folder:PATH'; None: the run's own
     bscd=False,          # BSCD-FSL's settings
     split=None,          # 'test' or 'test_only' (see `evaluate_domains`)
     download=False,      # download missing files
     **options,           # the test options of `train`: root, gpu, seed, test_ways, test_queries, test_method ...
-) -> DomainResults:
+) -> DomainResults:      # by domain, shown as one table
     "`fsmtl test` on several domains: the run's test options, the table written to the run folder."
-    from .checkpoint import read_checkpoint
-    from .probe import get_probe
-    from .train import _TEST_OPTIONS, _check_numbers, _device, _options
-    options.pop('progress', None)
-    cfg = _options(options, read_checkpoint(load_path, prefer='best').get('config'))
+    st = read_checkpoint(load_path, prefer='best')
+    cfg = _options(options, st.get('config'))
     _check_numbers(cfg, _TEST_OPTIONS)
     if cfg['test_method'] == 'native':
         raise ValueError("a cross-domain test fits a probe on the features: use --test_method l2, sklearn or proto")
     p = Path(load_path).expanduser()
-    return evaluate_domains(p, datasets or [cfg['dataset']], root=cfg['root'], ways=cfg['test_ways'], shots=[*FINAL_SHOTS, cfg['test_shots']],
-                            queries=cfg['test_queries'], episodes=cfg['final_test_epoch_length'], bscd=bscd, split=split,
+    return evaluate_domains(p, datasets or [cfg['dataset']], root=cfg['root'], ways=cfg['test_ways'],
+                            shots=[*FINAL_SHOTS, cfg['test_shots']], queries=cfg['test_queries'],
+                            episodes=cfg['final_test_epoch_length'], bscd=bscd, split=split,
                             probe=get_probe(cfg['test_method'], cfg['test_l2']), seed=cfg['seed'], download=download,
                             device=_device(cfg['gpu']), num_workers=cfg['num_workers'], progress=cfg['progress'],
+                            model_input=dict(_checkpoint_input(st), size=options['size']) if options.get('size') else None,
                             out=p if p.is_dir() else p.parent)
 
 
@@ -202,7 +204,8 @@ def add_domain_flags(p):  # the `fsmtl test` parser
     p.add_argument('--download', action='store_true', help='download missing files (torchvision datasets by torchvision)')
 
 
-def wants_domains(args) -> bool:
+def wants_domains(args  # the parsed arguments of `fsmtl test`
+                  ) -> bool:
     "Whether `fsmtl test`'s arguments ask for the cross-domain table rather than the run's own test."
     ds = args.dataset or []
     return len(ds) > 1 or args.bscd or args.split is not None or any(':' in d for d in ds)

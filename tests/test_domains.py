@@ -17,7 +17,7 @@ from fsmtl.data.block import episode_dl
 from fsmtl.data.core import SPLITS
 from fsmtl.data.download import DataUnavailable
 from fsmtl.data.torchvision_domains import TORCHVISION_DATASETS
-from fsmtl.domains import domain_splits
+from fsmtl.domains import domain_splits, evaluate_domains
 from fsmtl.evaluate import evaluate
 from fsmtl.probe import get_probe
 from fsmtl.train import train
@@ -132,7 +132,7 @@ def run(glyph_root, tmp_path_factory):
     res = train(dataset='glyphs', root=str(glyph_root), log_dir=str(tmp), run_name='run', max_epochs=1,
                 model_kwargs=dict(channels=(8, 16, 16, 32)), meta_batch_size=2, epoch_length=4, val_epoch_length=2,
                 final_test_epoch_length=2, scheduler='one_cycle', progress=False, gpu=-1)
-    return res.run_dir
+    return res
 
 
 @pytest.fixture(scope='module')
@@ -144,8 +144,17 @@ def domains_root(tmp_path_factory):
     return root
 
 
+def test_own_benchmark_keeps_its_test_classes(run, glyph_root):
+    "A learner on its own benchmark: its test classes only, scored as `evaluate` scores its DataLoaders' test split."
+    res = evaluate_domains(run.learner, ['glyphs'], root=glyph_root, queries=2, episodes=4, progress=False)
+    want = evaluate(run.learner, run.learner.dls.splits, queries=2, episodes=4, progress=False)
+    assert res.classes['glyphs'] == run.learner.dls.splits.test.n_classes
+    for s in (1, 5): assert res['glyphs'][s].mean == pytest.approx(want[s].mean, abs=1e-6)
+
+
 def test_shell_equals_python(run, domains_root, capsys):
     "fsmtl test over two domains: one table, a JSON per domain, EuroSAT's numbers those `evaluate` gives on its episodes."
+    run = run.run_dir
     shapes = f"folder:{domains_root / 'shapes'}"
     args = ['test', '--load_path', str(run), '--dataset', 'torchvision:EuroSAT', '--dataset', shapes, '--root',
             str(domains_root), '--final_test_epoch_length', '6', '--test_queries', '2', '--num_workers', '0', '--gpu', '-1']
@@ -178,6 +187,7 @@ def test_all_classes_in_test():
 
 def test_bad_domains_refused_before_work(run, domains_root, capsys):
     "Fewer classes than ways, or an unknown name: one line on stderr, exit 2, nothing scored."
+    run = run.run_dir
     args = ['test', '--load_path', str(run), '--root', str(domains_root), '--gpu', '-1']
     for bad in (['--dataset', 'torchvision:EuroSAT', '--test_ways', '8'], ['--dataset', 'torchvision:VOCSegmentation'],
                 ['--dataset', 'torchvision:EuroSAT', '--bscd']):

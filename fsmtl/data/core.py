@@ -15,7 +15,8 @@ SPLITS = ('train', 'val', 'test')
 def _decode(item, size):
     "One image as uint8 HxWx3 from PNG/JPEG bytes, a path or a PIL image, resized to `size` if given."
     try:
-        im = item if isinstance(item, Image.Image) else Image.open(io.BytesIO(item) if isinstance(item, (bytes, np.ndarray)) else item)
+        im = item if isinstance(item, Image.Image) else \
+            Image.open(io.BytesIO(item) if isinstance(item, (bytes, np.ndarray)) else item)
         im = im.convert('RGB')
     except Exception as e:
         raise ValueError(f"Cannot read image {item if isinstance(item, (str, Path)) else '(encoded bytes)'}: {e}") from e

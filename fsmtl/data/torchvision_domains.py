@@ -123,7 +123,8 @@ def _open(cls, name, spec, root, download, kwargs):
                               f"--download with fsmtl test") from None
 
 
-def empty_split(size) -> Split:
+def empty_split(size  # side of its images
+                ) -> Split:
     "A split without classes, of images of side `size`."
     return Split(np.zeros((0, size, size, 3), np.uint8), [], [], size=size)
 
