@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from fastai.vision.core import imagenet_stats
 
-from .core import SPLITS, FewShotSplits, Split
+from .core import FewShotSplits, Split
 from .download import DataUnavailable
 
 __all__ = ['TorchvisionSpec', 'TORCHVISION_DATASETS', 'DatasetItems', 'torchvision_benchmark', 'empty_split']
