@@ -237,7 +237,9 @@ def _final_test(model, source, cfg, progress) -> EvalResults:
 
 def _run_dir(cfg) -> Path:
     "The folder of a new run: `log_dir`/`run_name`, by default dataset-model-date-time."
-    name = cfg['run_name'] or f"{cfg['dataset']}-{cfg['model']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # a dataset like 'torchvision:EuroSAT' or 'folder:/data/x' becomes one plain folder name
+    dataset = ''.join(c if c.isalnum() or c in '.-_' else '-' for c in str(cfg['dataset'])).strip('-')
+    name = cfg['run_name'] or f"{dataset}-{cfg['model']}-{time.strftime('%Y%m%d-%H%M%S')}"
     # absolute, because fastai's loggers put relative names under the learner's path
     return (Path(cfg['log_dir']).expanduser() / name).resolve()
 

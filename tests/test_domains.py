@@ -195,3 +195,11 @@ def test_bad_domains_refused_before_work(run, domains_root, capsys):
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 3 and '8-way tasks need 8 classes but the test split of torchvision:EuroSAT has 7' in err[0]
     assert 'segmentation' in err[1] and 'tasks need 65 images a class' in err[2]
+
+
+def test_run_folder_of_a_domain_is_one_folder(tmp_path):
+    "A run on 'folder:PATH' or 'torchvision:NAME' gets one plain folder in log_dir."
+    from fsmtl.train import _run_dir
+    for dataset in ('folder:/data/my shapes', 'torchvision:EuroSAT'):
+        d = _run_dir(dict(run_name=None, dataset=dataset, model='resnet12', log_dir=str(tmp_path)))
+        assert d.parent == tmp_path.resolve() and ':' not in d.name and '/' not in d.name
