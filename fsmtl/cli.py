@@ -108,9 +108,15 @@ def _train(args):
 
 
 def _test(args):
-    "Test a checkpoint and print the results."
+    "Test a checkpoint and print the results: on its own test classes, or one table over several domains."
+    from .distributed import is_main
+    from .domains import evaluate_checkpoint_domains, wants_domains
     from .train import evaluate_checkpoint
-    _print_results(evaluate_checkpoint(**{k: v for k, v in vars(args).items() if k not in ('command', 'run')}))
+    opts = {k: v for k, v in vars(args).items() if k not in ('command', 'run', 'dataset', 'bscd', 'split', 'download')}
+    if wants_domains(args):
+        res = evaluate_checkpoint_domains(datasets=args.dataset, bscd=args.bscd, split=args.split, download=args.download, **opts)
+        if is_main(): print(res)
+    else: _print_results(evaluate_checkpoint(**opts, **({'dataset': args.dataset[0]} if args.dataset else {})))
 
 
 def main(argv=None):
@@ -138,17 +144,21 @@ def main(argv=None):
           help='classifier fitted on the features of the examples (default: logistic)')
     _flag(q, 'out', metavar='CSV', help='also write the predictions here, as file,label,probability')
     q.set_defaults(run=_predict)
+    from .domains import add_domain_flags
     from .train import OPTIONS
     t = sub.add_parser('train', help='train a backbone by multi-task learning and test it',
                        description='Train a backbone by multi-task learning, then test its best checkpoint on 5-way 1- and '
                                    '5-shot episodes. Flags are those of the original code, with underscores or hyphens.')
     _option_flags(t, [k for k in OPTIONS if k != 'progress'])
     t.set_defaults(run=_train)
-    e = sub.add_parser('test', help="test a checkpoint's backbone on the test episodes",
+    e = sub.add_parser('test', help="test a checkpoint's backbone on the test episodes, of its benchmark or of other domains",
                        description="Test the backbone of a checkpoint (best.pth, or a run folder) on 1- and 5-shot episodes "
-                                   "of its benchmark's test classes: mean accuracy and 95% confidence interval.")
+                                   "of its benchmark's test classes: mean accuracy and 95% confidence interval. Several "
+                                   "--dataset values, a torchvision: or folder: domain, --bscd or --split give one table "
+                                   "over the domains, written to the run folder (test_domains.md, test_<domain>.json).")
     _flag(e, 'load_path', required=True, metavar='CKPT', help='a checkpoint file, or a run folder (its best.pth)')
-    _option_flags(e, TEST_OPTIONS)
+    _option_flags(e, [o for o in TEST_OPTIONS if o != 'dataset'])
+    add_domain_flags(e)
     e.set_defaults(run=_test)
     args = p.parse_args(argv)
     try: args.run(args)

@@ -19,7 +19,9 @@ RESUME_MAY_CHANGE = ('root', 'log_dir', 'run_name', 'gpu', 'num_workers', 'progr
 def run_folder(cfg: dict  # a run's options: log_dir, run_name, dataset, model
                ) -> Path:
     "The folder of a run: `log_dir`/`run_name`, by default dataset-model-date-time."
-    name = cfg['run_name'] or f"{cfg['dataset']}-{cfg['model']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # a dataset like 'torchvision:EuroSAT' or 'folder:/data/x' becomes one plain folder name
+    dataset = ''.join(c if c.isalnum() or c in '.-_' else '-' for c in str(cfg['dataset'])).strip('-')
+    name = cfg['run_name'] or f"{dataset}-{cfg['model']}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not isinstance(name, str) or Path(name).name != name or name == '..':
         raise ValueError(f"run_name must be the name of one folder in log_dir, got {name!r}: give a name without '/' "
                          "(such as 'mtl-5shot'), and choose where runs go with log_dir")

@@ -6,7 +6,7 @@ import pytest
 
 NBS = Path(__file__).parents[1] / 'nbs'
 NAMES = ['00_quickstart', '01_benchmarks', '02_your_images_with_timm', '03_evaluation', '04_training_options',
-         '05_mtl_and_meta_learning']
+         '05_mtl_and_meta_learning', '06_other_domains']
 
 
 def test_the_tutorials_are_there():

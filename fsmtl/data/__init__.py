@@ -6,3 +6,4 @@ from .benchmarks import *
 from .transforms import *
 from .tasks import *
 from .block import *
+from .torchvision_domains import *

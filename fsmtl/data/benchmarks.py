@@ -282,12 +282,20 @@ def _key(name): return ''.join(c for c in str(name).lower() if c.isalnum())
 
 
 def get_benchmark(
-    name,            # one of `BENCHMARKS`, in any case, with or without '-' or '_' ('miniImageNet', 'cifar_fs', 'FC100')
+    name,            # one of `BENCHMARKS` in any case, with or without '-' or '_' ('miniImageNet', 'cifar_fs', 'FC100'),
+                     # 'torchvision:NAME' (a torchvision classification dataset), or 'folder:PATH'
     root='~/data',   # folder of the data folders; for 'folder', the user's folder of images itself
     download=True,   # download missing files; False raises an error that names them and where to put them
-    **kwargs,        # passed to the benchmark: `ratios`, `seed`, `size` for 'folder', the options of `glyphs`
+    **kwargs,        # passed to the benchmark: `ratios`, `seed`, `size` for folders and torchvision (and its `split`),
+                     # the options of `glyphs`
 ) -> FewShotSplits:  # the train, val and test splits
     "The splits of benchmark `name`, downloaded if missing."
+    kind, sep, rest = str(name).partition(':')
+    if sep and kind.lower() == 'torchvision':
+        from .torchvision_domains import torchvision_benchmark
+        return torchvision_benchmark(rest, Path(root).expanduser(), download, **kwargs)
+    if sep and kind.lower() == 'folder': return folder_benchmark(rest, **kwargs)
     builder = {_key(k): v for k, v in BENCHMARKS.items()}.get(_key(name))
-    if builder is None: raise ValueError(f"Unknown benchmark {name!r}: use one of {', '.join(BENCHMARKS)}")
+    if builder is None: raise ValueError(f"Unknown benchmark {name!r}: use one of {', '.join(BENCHMARKS)}, "
+                                       "torchvision:NAME or folder:PATH")
     return builder(Path(root).expanduser(), download, **kwargs)

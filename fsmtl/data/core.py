@@ -15,9 +15,10 @@ SPLITS = ('train', 'val', 'test')
 
 
 def _decode(item, size):
-    "One image as uint8 HxWx3 from PNG/JPEG bytes or a path, resized to `size` if given."
+    "One image as uint8 HxWx3 from PNG/JPEG bytes, a path or a PIL image, resized to `size` if given."
     try:
-        im = Image.open(io.BytesIO(item) if isinstance(item, (bytes, np.ndarray)) else item)
+        im = item if isinstance(item, Image.Image) else \
+            Image.open(io.BytesIO(item) if isinstance(item, (bytes, np.ndarray)) else item)
         im = rgb(im)
     except Exception as e:
         raise ValueError(f"Cannot read image {item if isinstance(item, (str, Path)) else '(encoded bytes)'}: {e}") from e
@@ -28,7 +29,7 @@ def _decode(item, size):
 @dataclass
 class Split:
     "The images, labels and class names of one split."
-    items: object                  # uint8 array (N, H, W, 3), or a list of PNG/JPEG bytes, or a list of file paths
+    items: object                  # uint8 array (N, H, W, 3), or a sequence of PNG/JPEG bytes, file paths or PIL images
     labels: np.ndarray             # int64 (N,) in 0..C-1, index into `classes`
     classes: list                  # class names, one per label value
     size: int | None = None        # side of the square images `load` returns; None keeps the stored size
