@@ -89,7 +89,7 @@ class BaseClassLoss(nn.Module):
     def task_logits(self,
                     logits,  # scores (N, n_base) of the batch's images
                     y):      # their global class ids
-        "The logits over all base classes and the global labels (`task_acc` is then the accuracy over all of them)."
+        "The logits over all base classes and the global labels: `task_acc` over all of them."
         return logits.as_subclass(torch.Tensor), y.as_subclass(torch.Tensor).long()
 
     def forward(self, logits, y): return F.cross_entropy(*self.task_logits(logits, y))
