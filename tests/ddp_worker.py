@@ -48,7 +48,9 @@ def parts(out, root):
     fsmtl.adapt.finetune_copy = copy
     dls = mtl_dls(splits, augment=False, device='cpu', **STEP)
     set_seed(0)
-    learn = quiet(mtl_learner(dls, arch_kwargs=dict(channels=CHANNELS, drop_rate=0.), opt='sgd', lr=LR, cbs=[Batches()]))
+    # the original code's random head: from a zero head the first step leaves the backbone as it is
+    learn = quiet(mtl_learner(dls, arch_kwargs=dict(channels=CHANNELS, drop_rate=0.), opt='sgd', lr=LR, cbs=[Batches()],
+                              original_head=True))
     init = {k: v.clone() for k, v in learn.model.state_dict().items()}
     set_seed(rank_seed(0, rank()))   # each process draws its own tasks, as `train` does
     with learn.distrib_ctx(sync_bn=False): learn.fit(1)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -80,17 +81,38 @@ def test_gpu_bench_without_cuda_says_how_to_run_it():
     assert res.returncode != 0 and 'CUDA' in res.stderr and '--device cpu' in res.stderr
 
 
-def test_bridge_writes_one_row_per_algorithm(tmp_path):
-    # tiny settings: two algorithms, a few seconds each, output piped (no terminal), as a user's log file gets it
-    out = tmp_path / 'table.md'
-    res = run_bench('bridge.py', '--algorithms', 'mtl,protonet', '--budget', '2', '--channels', '8,8,8,8', '--tasks', '2',
-                    '--epoch_length', '4', '--val_episodes', '4', '--test_episodes', '8', '--native_episodes', '4',
-                    '--root', str(tmp_path), '--out', str(out))
+def test_bridge_writes_one_row_per_algorithm_and_budget(tmp_path):
+    # tiny settings: two algorithms, a few seconds each, two budgets from one run, output piped (no terminal), as a user's
+    # log file gets it
+    out, png = tmp_path / 'table.md', tmp_path / 'bridge.png'
+    res = run_bench('bridge.py', '--algorithms', 'pretrain,protonet', '--budget', '1,3', '--dataset', 'glyphs-small',
+                    '--channels', '8,8,8,8', '--tasks', '2', '--epoch_length', '4', '--val_episodes', '4', '--test_episodes', '8',
+                    '--native_episodes', '4', '--root', str(tmp_path), '--out', str(out), '--plot', str(png))
     rows = [l for l in out.read_text().splitlines() if l.startswith('| ') and not l.startswith('| algorithm')]
-    assert [r.split('|')[1].strip() for r in rows] == ['mtl', 'protonet'], res.stdout
-    for r in rows:
-        cells = [c.strip() for c in r.split('|')[2:-1]]
-        assert 'failed' not in r and re.fullmatch(NUM + r' ± ' + NUM, cells[2]), r   # test 5-shot: mean ± CI, in %
-        assert 0 < float(cells[2].split(' ')[0]) <= 100
-    # the native head's columns: none for MTL, ProtoNet's prototypes for protonet
-    assert rows[0].split('|')[5].strip() == '-' and re.fullmatch(NUM + r' ± ' + NUM, rows[1].split('|')[5].strip())
+    cells = [[c.strip() for c in r.split('|')[1:-1]] for r in rows]
+    assert [(c[0], c[1]) for c in cells] == [('pretrain', '1'), ('pretrain', '3'), ('protonet', '1'), ('protonet', '3')], res.stdout
+    for c in cells:
+        assert re.fullmatch(NUM + r' ± ' + NUM, c[4]), c   # test 5-shot: mean ± CI, in %
+        assert 0 < float(c[4].split(' ')[0]) <= 100
+    # the smaller budget's epochs are a part of the larger's
+    assert int(cells[0][9]) <= int(cells[1][9]) and int(cells[2][9]) <= int(cells[3][9])
+    # the native head's columns: none for pretrain, ProtoNet's prototypes for protonet
+    assert cells[0][6] == '-' and re.fullmatch(NUM + r' ± ' + NUM, cells[2][6])
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_transfer_digits_are_scikit_learns_dark_on_light():
+    "bench/transfer.py's test split: scikit-learn's 1,797 digits, upsampled to 32x32, ink dark on light paper."
+    import importlib.util
+    from sklearn.datasets import load_digits
+    spec = importlib.util.spec_from_file_location('transfer', ROOT / 'bench' / 'transfer.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    splits, d = mod.digits(), load_digits()
+    test = splits.test
+    assert test.items.shape == (1797, 32, 32, 3) and test.labels.tolist() == d.target.tolist() and test.n_classes == 10
+    assert len(splits.train) == 1 and len(splits.val) == 0 and (splits.train.items == 255).all()
+    # each 8x8 pixel covers a 4x4 block: its centre keeps the pixel's ink, 0..16, as 255 (paper) down to 0 (ink)
+    centre = test.items[:, 1::4, 1::4, 0].astype(float)   # near the centre of each block, where bilinear weights favour it
+    expected = 255 * (1 - d.images / 16)
+    assert np.corrcoef(centre.ravel(), expected.ravel())[0, 1] > 0.9

@@ -167,7 +167,8 @@ def test_train_with_pretrained_weights_and_frozen_epochs(weights, glyph_root, tm
     args = ['train', '--dataset', 'glyphs-small', '--root', str(glyph_root), '--log_dir', str(tmp_path / 'runs'), '--run_name', 'r', '--model', 'resnet10t',
             '--model_kwargs', json.dumps(ARCH), '--pretrained', str(weights), '--freeze_epochs', '1', '--size', '36',
             '--max_epochs', '1', '--scheduler', 'one_cycle', '--epoch_length', '4', '--meta_batch_size', '2',
-            '--val_epoch_length', '2', '--final_test_epoch_length', '2', '--test_queries', '2', '--gpu', '-1']
+            '--val_epoch_length', '2', '--final_test_epoch_length', '2', '--test_queries', '2', '--gpu', '-1',
+            '--original_head']   # a random head: the backbone gets gradients from the first unfrozen step
     assert main(args) == 0
     run = tmp_path / 'runs' / 'r'
     cfg = json.loads((run / 'config.json').read_text())

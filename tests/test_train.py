@@ -94,14 +94,14 @@ def test_resume_continues_where_it_stopped(glyph_root, tmp_path, monkeypatch):
     opts = small(glyph_root, tmp_path, scheduler='plateau', decay_patience=1, max_epochs=3, final_test_epoch_length=10,
                  model_kwargs=dict(channels=(8, 16, 16, 32)))
     straight = train(**dict(opts, run_name='straight'))
-    make = T.mtl_learner
+    make = T.meta_learner   # train builds every algorithm's learner by meta_learner
     def interrupted(*a, **kw):
         learn = make(*a, **kw)
         learn.add_cb(Interrupt(1))   # two epochs are left: a resumed run's second epoch must match too
         return learn
-    monkeypatch.setattr(T, 'mtl_learner', interrupted)
+    monkeypatch.setattr(T, 'meta_learner', interrupted)
     with pytest.raises(KeyboardInterrupt): train(**dict(opts, run_name='cut'))
-    monkeypatch.setattr(T, 'mtl_learner', make)
+    monkeypatch.setattr(T, 'meta_learner', make)
     assert read_checkpoint(tmp_path / 'runs' / 'cut' / 'last.pth')['epoch'] == 1
     resumed = train(resume=True, load_path=str(tmp_path / 'runs' / 'cut'), progress=False)
     # the same three epochs as the uninterrupted run: history, learning rates and the final weights
@@ -126,8 +126,8 @@ class Poison(Callback):
 
 @pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(glyph_root, tmp_path, monkeypatch):
-    make = T.mtl_learner
-    monkeypatch.setattr(T, 'mtl_learner', lambda *a, **kw: make(*a, **kw).add_cb(Poison(2)))
+    make = T.meta_learner
+    monkeypatch.setattr(T, 'meta_learner', lambda *a, **kw: make(*a, **kw).add_cb(Poison(2)))
     opts = small(glyph_root, tmp_path, max_epochs=4, model_kwargs=dict(channels=(8, 16, 16, 32)))
     # epochs counted from 0, as the epoch table counts them; an fp32 run is not told to train in fp32
     with pytest.raises(FloatingPointError, match=r'loss became nan at epoch 2.*last\.pth') as e: train(**opts)
