@@ -82,7 +82,7 @@ if [ "$device" = cuda ]; then
 else
   tiny=(--size 16 --channels 4,8,8,16)
   step gpu 60 "$py" bench/gpu.py --device cpu --steps 2 --warmup 1 --tasks 1 --per-class 10 "${tiny[@]}"
-  step probe 60 "$py" bench/probe.py --device cpu --episodes 20 --train-steps 0
+  step probe 60 "$py" bench/probe.py --device cpu --episodes 20 --train-steps 0 --dataset glyphs-small
   step recipe 60 "$py" bench/recipe_epoch.py --device cpu
   step ddp 120 "$py" bench/ddp.py --nproc 1 --steps 2 --tasks 1 "${tiny[@]}"
 fi

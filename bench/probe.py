@@ -11,7 +11,7 @@ episode at a time) runs once, with one BLAS thread by default: its problems (25 
 on a busy 2-core machine two threads made each fit 7x slower. Both are then compared query by query.
 `--save-features F` writes the features and episodes, and `--features F` reads them instead of rendering and
 training (for a machine without fastai).
-Run: `python bench/probe.py [--episodes N] [--device cpu|cuda] [--root DIR] [--train-steps N] [--sklearn-threads N]`.
+Run: `python bench/probe.py [--episodes N] [--device cpu|cuda] [--root DIR] [--dataset NAME] [--train-steps N] [--sklearn-threads N]`.
 """
 import argparse
 import os
@@ -57,7 +57,7 @@ def episode_features(args):
         return feats[episodes].view(len(episodes), WAYS, SHOTS + QUERIES, -1), what
     from fsmtl.data.benchmarks import get_benchmark
     from fsmtl.data.block import episode_dl
-    splits = get_benchmark('glyphs', root=args.root, progress=False)
+    splits = get_benchmark(args.dataset, root=args.root, progress=False)
     feats = features(splits, args.device, args.train_steps)
     episodes = episode_dl(splits, 'val', WAYS, SHOTS, QUERIES, n=args.episodes, seed=0, device='cpu').episodes
     what = (f"{feats.shape[-1]}-d features of {len(splits.val)} glyph images ({splits.val.n_classes} classes), "
@@ -84,6 +84,7 @@ def main():
     p.add_argument('--episodes', type=int, default=2000, help='5-way episodes of 15 queries a class')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help="the LogisticProbe's device")
     p.add_argument('--root', default=os.path.join(tempfile.gettempdir(), 'fsmtl-bench'), help='where the glyphs are rendered')
+    p.add_argument('--dataset', default='glyphs', help="the benchmark whose validation images give the features ('glyphs-small' for a quick run)")
     p.add_argument('--sklearn-threads', type=int, default=1, help="BLAS threads of the sklearn loop; 0: numpy's default")
     p.add_argument('--train-steps', type=int, default=150, help='training steps of the backbone before its features are taken')
     p.add_argument('--save-features', help='write the episodes\' features here')

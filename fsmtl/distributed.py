@@ -139,18 +139,19 @@ class MTLDistributedTrainer(DistributedTrainer):
     "fastai's `DistributedTrainer` for MTL."
     # each rank trains on its share of each step's tasks, and scores its share of the episodes
     def __init__(self, sync_bn=False,   # batch statistics over all processes (`nn.SyncBatchNorm`, GPUs only)
-                 find_unused=True,      # some parameters may get no gradient in a step (DDP's `find_unused_parameters`)
+                 find_unused=lambda learn: True,  # learner -> whether some parameters may get no gradient in a step
                  **kwargs):             # passed to accelerate's `Accelerator`
         from accelerate import DistributedDataParallelKwargs
-        # DDP waits for the gradients of parameters unused in a step unless it looks for them; looking when there are
-        # none makes every process print a warning
-        handlers = [DistributedDataParallelKwargs(find_unused_parameters=find_unused)]
+        self.find_unused, self.ddp_kwargs = find_unused, DistributedDataParallelKwargs()
         # without `cpu`, accelerate runs CPU processes side by side, each training alone
-        super().__init__(sync_bn, **{'cpu': not torch.cuda.is_available(), 'kwargs_handlers': handlers, **kwargs})
+        super().__init__(sync_bn, **{'cpu': not torch.cuda.is_available(), 'kwargs_handlers': [self.ddp_kwargs], **kwargs})
 
     def before_fit(self):
         if self.sync_bn and self.accelerator.device.type == 'cpu':
             raise ValueError("sync_bn (SyncBatchNorm) runs on GPUs only: train on CPUs without it (sync_bn=False)")
+        # decided here, with the fit's own callbacks: DDP waits for the gradients of parameters unused in a step unless it
+        # looks for them, and looking when there are none makes every process print a warning
+        self.ddp_kwargs.find_unused_parameters = self.find_unused(self.learn)
         super().before_fit()
 
     def _wrap_dl(self, dl):

@@ -148,9 +148,7 @@ class MTLLearner(Learner):
         # `distrib_ctx` calls it; only rank 0 shows progress
         # one process (torchrun --nproc_per_node 1) trains as it is, as fastai's `detach_distributed` expects
         if world() < 2: return self
-        # frozen epochs leave the backbone without gradients mid-fit; a meta-learner's head may go unused in a step
-        find_unused = not isinstance(self.model, MTLModel) or any(isinstance(cb, FrozenEpochs) for cb in self.cbs)
-        self.add_cb(MTLDistributedTrainer(sync_bn, find_unused, **kwargs))
+        self.add_cb(MTLDistributedTrainer(sync_bn, _may_leave_unused, **kwargs))
         if rank(): self.remove_cbs([cb for cb in self.cbs if isinstance(cb, (ProgressCallback, EpochTable))])
         return self
 
@@ -171,6 +169,12 @@ class MTLLearner(Learner):
         for epoch in range(start, self.n_epoch):
             self.epoch = epoch
             self._with_events(self._do_epoch, 'epoch', CancelEpochException)
+
+
+def _may_leave_unused(learn) -> bool:
+    "Whether a step of `learn`'s fit may leave parameters without a gradient."
+    # frozen epochs leave the backbone without gradients mid-fit; a meta-learner's head may go unused in a step
+    return not isinstance(learn.model, MTLModel) or any(isinstance(cb, FrozenEpochs) for cb in learn.cbs)
 
 
 class InputOnly(DataLoaders):
