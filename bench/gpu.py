@@ -17,13 +17,12 @@ the ratio means little.
 Run: `python bench/gpu.py [--steps N] [--rounds N] [--device cuda|cpu] [--size PX] [--channels 64,160,320,640]`.
 """
 import argparse
-import sys
 import time
 
 import torch
 from fastai.callback.core import Callback
 
-from _common import sync, synthetic_splits
+from _common import bench_device, sync, synthetic_splits
 from fsmtl.data.block import mtl_dls
 from fsmtl.learner import mtl_learner
 
@@ -87,16 +86,7 @@ def main():
     p.add_argument('--tasks', type=int, default=6, help='5-way tasks of 5 + 5 images in a batch (meta_batch_size)')
     p.add_argument('--per-class', type=int, default=60, help='images of each base class')
     args = p.parse_args()
-    if args.device is None:
-        if not torch.cuda.is_available():
-            sys.exit("bench/gpu.py measures training on a CUDA GPU and torch sees none here "
-                     f"(torch {torch.__version__}, CUDA build {torch.version.cuda}). Run it on a GPU machine, "
-                     "or pass --device cpu for a short smoke run that checks the script.")
-        args.device = 'cuda'
-    device = torch.device(args.device)
-    if device.type == 'cuda' and not torch.cuda.is_available(): sys.exit(f"--device {args.device}: torch sees no CUDA GPU here")
-    for k, v in (GPU_DEFAULTS if device.type == 'cuda' else CPU_SMOKE).items():
-        if getattr(args, k) is None: setattr(args, k, v)
+    device = bench_device(args, 'measures training', GPU_DEFAULTS, CPU_SMOKE)
     channels = tuple(int(c) for c in args.channels.split(','))
     if args.size < 16: p.error(f"--size must be at least 16: ResNet-12 halves the image 4 times, got {args.size}")
     if min(args.steps, args.warmup, args.rounds) < 1: p.error("--steps, --warmup and --rounds must be at least 1")

@@ -13,13 +13,12 @@ The comparison is with the paper's reported figure on a V100, not a measurement 
 Run: `python bench/recipe_epoch.py [--device cuda|cpu]`; `--device cpu` runs a smoke setting that checks the script.
 """
 import argparse
-import sys
 import time
 
 import torch
 from fastai.callback.core import Callback
 
-from _common import sync, synthetic_splits
+from _common import bench_device, sync, synthetic_splits
 from fsmtl.train import OPTIONS, RECIPES, _fit, _learner, _options
 
 PAPER_HOURS, TEST_EPISODES = 3.7, OPTIONS['final_test_epoch_length'][0]
@@ -51,15 +50,7 @@ def main():
     p.add_argument('--epoch-length', type=int, help="training tasks of the epoch (GPU: the recipe's)")
     p.add_argument('--val-epoch-length', type=int, help="validation episodes (GPU: the recipe's)")
     args = p.parse_args()
-    if args.device is None:
-        if not torch.cuda.is_available():
-            sys.exit("bench/recipe_epoch.py times an epoch on a CUDA GPU and torch sees none here: run it on a GPU "
-                     "machine, or pass --device cpu for a short smoke run that checks the script.")
-        args.device = 'cuda'
-    device = torch.device(args.device)
-    if device.type == 'cuda' and not torch.cuda.is_available(): sys.exit(f"--device {args.device}: torch sees no CUDA GPU here")
-    for k, v in (GPU_DEFAULTS if device.type == 'cuda' else CPU_SMOKE).items():
-        if getattr(args, k) is None: setattr(args, k, v)
+    device = bench_device(args, 'times an epoch', GPU_DEFAULTS, CPU_SMOKE)
 
     shape = {k: v for k, v in dict(epoch_length=args.epoch_length, val_epoch_length=args.val_epoch_length,
                                    model_kwargs=args.channels and dict(channels=[int(c) for c in args.channels.split(',')])).items() if v}
