@@ -1,7 +1,5 @@
 "Two processes on gloo, launched by torchrun as a user launches them: evaluation, a training step, runs and faults equal to one process."
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -9,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import torch
 
@@ -36,11 +35,21 @@ def torchrun(*args, timeout=None):
 def fsmtl_run(*args): return torchrun('-m', 'fsmtl', *args)
 
 
+def kill_all(p):
+    "SIGKILL the launch `p` and every process under it, as a lost machine ends them."
+    # torchrun starts each worker in a session of its own, out of the launcher's process group
+    procs = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
+    for q in procs:
+        try: q.kill()
+        except psutil.NoSuchProcess: pass
+    p.wait()
+
+
 def ended(p, timeout):
     "`finish(p)`, or kill all of `p`'s processes and fail when it hangs past `timeout` seconds."
     try: return finish(p, timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
+        kill_all(p)
         pytest.fail(f"the launch still ran after {timeout} s: {finish(p)[1][-3000:]}")
 
 
@@ -146,8 +155,7 @@ def test_kill_9_after_an_epoch_then_resume_on_two_processes(straight):
     while rows(runs / 'cut') < 1:
         assert p.poll() is None and time.time() - t0 < 120, finish(p)[1][-3000:]
         time.sleep(0.02)
-    os.killpg(p.pid, signal.SIGKILL)   # the launcher and both processes, as a lost machine does
-    p.wait()
+    kill_all(p)   # the launcher and both processes
     assert read_checkpoint(runs / 'cut' / 'last.pth')['epoch'] == 1
     rc, out = ended(fsmtl_run('train', '--resume', '--load_path', str(runs / 'cut')), timeout=180)
     assert rc == 0, out[-3000:]
