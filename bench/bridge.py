@@ -1,4 +1,4 @@
-"""MTL against meta-learning on the same data, backbone, schedule and wall-time budget: one table.
+"""MTL against meta-learning on the same data, backbone, schedule and time budget: one table.
 
 Each algorithm (`--algorithms`; default mtl, pretrain, protonet, r2d2, anil, maml, and metaoptnet when qpth is installed)
 trains in its own child process, so that its peak memory is its own, on the embedded benchmark `--dataset` (glyphs, 300
@@ -6,7 +6,9 @@ images a class; glyphs-small, 20 a class): the same `mtl_dls`
 batches (5-way tasks of `--shots` support + `--queries` query images a class, `--tasks` tasks a batch, `--epoch_length`
 tasks an epoch, Lee19 augmentation), a ResNet-12 `--channels` wide initialised from the same seed, RAdam at `--lr`
 with `train`'s default plateau schedule on `episodic_acc`, stopped once the largest of the `--budget` seconds of
-training (validation included) have passed: the batch running then ends its epoch's training, the epoch is validated,
+training (validation included) have passed, counted on `--clock`: `cpu` (the default) is the child's CPU time, which
+on its one thread is its wall time on a quiet machine and stays fair when other work shares the cores; `wall` is for
+a GPU. The batch running then ends its epoch's training, the epoch is validated,
 and the fit stops. A smaller budget is scored from the same run, on the best of the epochs begun within it (the
 schedule does not depend on the budget, so this is the run that budget alone would have made, but for its last epoch,
 which it would have cut short).
@@ -14,7 +16,7 @@ Validation after every epoch: `--val_episodes` fixed 5-way 5-shot episodes score
 the L2-normalised features (`episodic_acc` ± 95% CI); the best epoch's weights are kept. Test, from those weights: the
 same `--test_episodes` 5-way 1- and 5-shot episodes (15 queries a class) for every algorithm, by the same probe; for the
 meta-learners also by the algorithm's own head (`test_method='native'`) on the first `--native_episodes` of them.
-Columns: the budget, best validation accuracy ± CI, test accuracy ± CI, training wall time, when each algorithm first reached the
+Columns: the budget, best validation accuracy ± CI, test accuracy ± CI, training time on the clock, when each algorithm first reached the
 lowest of the algorithms' best validation accuracies ("time to common accuracy"), epochs, peak memory (the child's
 largest resident set on the CPU, `torch.cuda.max_memory_allocated` on CUDA). MAML and ANIL take learn2learn's example
 options `--adaptation_steps` (1) and `--adaptation_lr` (0.5), first-order with `--first_order`. `--plot` saves the
@@ -42,6 +44,7 @@ from fsmtl.learner import plateau_cbs
 from fsmtl.runlog import quiet
 
 HAS_QPTH = importlib.util.find_spec('qpth') is not None and importlib.util.find_spec('cvxpy') is not None
+CLOCKS = dict(cpu=time.process_time, wall=time.perf_counter)
 ALGOS = ['mtl', 'pretrain', 'protonet', 'r2d2'] + (['metaoptnet'] if HAS_QPTH else []) + ['anil', 'maml']
 
 
@@ -49,18 +52,20 @@ class Budget(Callback):
     "Stop training once the largest of `seconds` has passed (the running epoch is still validated); keep the best weights of each."
     order = 60   # after the Recorder has written the epoch's metrics
 
-    def __init__(self, seconds):  # a budget in seconds, or a list of them
-        self.budgets = sorted(seconds) if isinstance(seconds, (list, tuple)) else [seconds]
+    def __init__(self,
+                 seconds,   # a budget in seconds, or a list of them
+                 clock=time.perf_counter):   # what counts them: wall time, or `time.process_time` for CPU time
+        self.budgets, self.clock = sorted(seconds) if isinstance(seconds, (list, tuple)) else [seconds], clock
         self.seconds, self.log, self.began = self.budgets[-1], [], []
         self.best, self.states = {b: -1. for b in self.budgets}, {b: None for b in self.budgets}
 
     @property
     def state(self): return self.states[self.seconds]   # the best weights within the largest budget
-    def before_fit(self): self.start = time.perf_counter()
-    def before_epoch(self): self.began.append(time.perf_counter() - self.start)
+    def before_fit(self): self.start = self.clock()
+    def before_epoch(self): self.began.append(self.clock() - self.start)
 
     def after_batch(self):
-        if self.training and time.perf_counter() - self.start > self.seconds: raise CancelTrainException
+        if self.training and self.clock() - self.start > self.seconds: raise CancelTrainException
 
     def within(self, b):  # one of the budgets
         "The log of the epochs begun within `b` seconds."
@@ -69,7 +74,7 @@ class Budget(Callback):
     def after_epoch(self):
         # read from EpisodicEval itself: the Recorder leaves out the train loss of an epoch cancelled before its first batch
         value = self.learn.episodic_eval.value
-        self.log.append((time.perf_counter() - self.start, value['episodic_acc'], value['episodic_ci']))
+        self.log.append((self.clock() - self.start, value['episodic_acc'], value['episodic_ci']))
         better = [b for b in self.budgets if self.began[-1] < b and value['episodic_acc'] > self.best[b]]
         state = copy.deepcopy(self.learn.model.state_dict()) if better else None
         for b in better: self.best[b], self.states[b] = value['episodic_acc'], state
@@ -88,7 +93,7 @@ def one(args):
                          lr=args.lr, adaptation_steps=args.adaptation_steps, adaptation_lr=args.adaptation_lr,
                          first_order=args.first_order)
     quiet(learn)   # no bars or epoch table: the output is one JSON line
-    budget = Budget(budgets(args))
+    budget = Budget(budgets(args), CLOCKS[args.clock])
     learn.fit(10_000, args.lr, cbs=[budget, *plateau_cbs()])
     out = dict(algorithm=args.one, log=budget.log, scores={})
     for b, state in budget.states.items():
@@ -109,12 +114,12 @@ def one(args):
 def pct(m, ci): return f"{100 * m:.1f} ± {100 * ci:.1f}"
 
 
-def table(results) -> str:
+def table(results, clock='cpu') -> str:
     "The markdown table of the children's results, one row per algorithm and budget."
     done = [r for r in results if 'error' not in r]
     target = min(max(a for _, a, _ in r['log']) for r in done) if done else float('nan')
     rows = ['| algorithm | budget s | best val acc (5-shot) | test 1-shot | test 5-shot | native 1-shot | native 5-shot '
-            f'| training s | s to {100 * target:.1f}% val | epochs | peak MiB |', '|' + '---|' * 11]
+            f'| training s ({clock}) | s to {100 * target:.1f}% val | epochs | peak MiB |', '|' + '---|' * 11]
     for r in results:
         if 'error' in r:
             rows.append(f"| {r['algorithm']} | failed: {r['error'][:200]} |" + ' |' * 9)
@@ -152,6 +157,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--algorithms', default=','.join(ALGOS))
     p.add_argument('--budget', default='120', help='training seconds of each algorithm; several, comma-separated, from one run')
+    p.add_argument('--clock', default='cpu', choices=list(CLOCKS),
+                   help="what counts the budget: the child's CPU time (cpu), or wall time (wall, for a GPU)")
     p.add_argument('--dataset', default='glyphs', help='glyphs (300 images a class) or glyphs-small (20 a class)')
     p.add_argument('--channels', default='16,32,32,64')
     p.add_argument('--shots', type=int, default=5)
@@ -185,7 +192,7 @@ def main(argv=None):
             continue
         results.append(json.loads(line[len('RESULT '):]))
         print(f"{alg}: {len(results[-1]['log'])} epochs in {results[-1]['log'][-1][0]:.0f} s", file=sys.stderr, flush=True)
-    out = table(results)
+    out = table(results, args.clock)
     print(out)
     if args.out:
         with open(args.out, 'w') as f: f.write(out + '\n')
