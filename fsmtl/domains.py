@@ -9,7 +9,7 @@ from fastai.learner import Learner
 from fastai.torch_core import default_device
 
 from .checkpoint import backbone_from_checkpoint, read_checkpoint
-from .data.benchmarks import get_benchmark
+from .data.benchmarks import get_benchmark, same_classes
 from .data.block import FINAL_SHOTS, episode_dl
 from .data.core import SPLITS, FewShotSplits, Split
 from .data.tasks import check_task_size, shot_counts
@@ -46,9 +46,6 @@ def _all_in_test(splits: FewShotSplits) -> FewShotSplits:
 def _name(domain): return domain.name if isinstance(domain, FewShotSplits) else str(domain)
 
 
-def _same(a, b) -> bool: return a is not None and re.sub(r'\W|_', '', str(a).lower()) == re.sub(r'\W|_', '', str(b).lower())
-
-
 def domain_splits(
     domain,             # a benchmark name, 'torchvision:NAME', 'folder:PATH', or `FewShotSplits`
     root='~/data',      # folder of the data folders (the root of torchvision's datasets)
@@ -58,7 +55,7 @@ def domain_splits(
     model_input=None,   # the backbone's input: dict of `size` (side loaded), `mean`, `std`, `input_size`, `interpolation`
 ) -> FewShotSplits:
     "The test classes of `domain`, its images as the backbone takes them."
-    split = split or ('test' if _same(_name(domain), own) else 'test_only')
+    split = split or ('test' if same_classes(_name(domain), own) else 'test_only')
     if split not in ('test', 'test_only'): raise ValueError(f"split must be 'test' or 'test_only', not {split!r}")
     tv = isinstance(domain, str) and domain.lower().startswith('torchvision:')
     kwargs = dict(split='test_only' if split == 'test_only' else 'ratios') if tv else {}

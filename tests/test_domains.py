@@ -129,7 +129,7 @@ def test_unknown_or_not_classification(tmp_path, name, says):
 def run(glyph_root, tmp_path_factory):
     "A run folder with a glyph-trained tiny backbone (one short epoch)."
     tmp = tmp_path_factory.mktemp('domains-run')
-    res = train(dataset='glyphs', root=str(glyph_root), log_dir=str(tmp), run_name='run', max_epochs=1,
+    res = train(dataset='glyphs-small', root=str(glyph_root), log_dir=str(tmp), run_name='run', max_epochs=1,
                 model_kwargs=dict(channels=(8, 16, 16, 32)), meta_batch_size=2, epoch_length=4, val_epoch_length=2,
                 final_test_epoch_length=2, scheduler='one_cycle', progress=False, gpu=-1)
     return res
@@ -146,10 +146,20 @@ def domains_root(tmp_path_factory):
 
 def test_own_benchmark_keeps_its_test_classes(run, glyph_root):
     "A learner on its own benchmark: its test classes only, scored as `evaluate` scores its DataLoaders' test split."
-    res = evaluate_domains(run.learner, ['glyphs'], root=glyph_root, queries=2, episodes=4, progress=False)
+    res = evaluate_domains(run.learner, ['glyphs-small'], root=glyph_root, queries=2, episodes=4, progress=False)
     want = evaluate(run.learner, run.learner.dls.splits, queries=2, episodes=4, progress=False)
-    assert res.classes['glyphs'] == run.learner.dls.splits.test.n_classes
-    for s in (1, 5): assert res['glyphs'][s].mean == pytest.approx(want[s].mean, abs=1e-6)
+    assert res.classes['glyphs-small'] == run.learner.dls.splits.test.n_classes
+    for s in (1, 5): assert res['glyphs-small'][s].mean == pytest.approx(want[s].mean, abs=1e-6)
+
+
+@pytest.mark.parametrize('domain,own', [('glyphs', 'glyphs-small'), ('glyphs-small', 'glyphs'), ('Glyphs_Small', 'glyphs-small')])
+def test_a_benchmark_with_the_same_classes_keeps_its_test_classes(glyph_root, domain, own):
+    "glyphs and glyphs-small hold the same classes: a backbone trained on either is tested on the other's test classes."
+    small = get_benchmark('glyphs-small', root=glyph_root)
+    with mock.patch('fsmtl.domains.get_benchmark', return_value=small):   # not rendering glyphs' 300 a class here
+        got = domain_splits(domain, glyph_root, own=own)
+    assert set(got.test.classes) == set(small.test.classes) and got.test.n_classes == 114
+    assert domain_splits('glyphs-small', glyph_root, own='cifarfs').test.n_classes == 250 + 87 + 114   # not its own: all
 
 
 def test_shell_equals_python(run, domains_root, capsys):

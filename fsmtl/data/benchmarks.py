@@ -17,7 +17,7 @@ from .download import DataError, DataUnavailable, Resource, fetch, safe_load_pic
 from .images import check_images, class_images
 from .splits import CIFARFS, FC100, MINI_IMAGENET, TIERED_IMAGENET_CLASSES
 
-__all__ = ['get_benchmark', 'folder_benchmark', 'BENCHMARKS', 'CIFAR100', 'MINI_IMAGENET_FILES', 'TIERED_IMAGENET_FILES']
+__all__ = ['get_benchmark', 'folder_benchmark', 'same_classes', 'BENCHMARKS', 'CIFAR100', 'MINI_IMAGENET_FILES', 'TIERED_IMAGENET_FILES']
 
 CIFAR100 = Resource('cifar-100-python.tar.gz', ['https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz'],
                     'eb9058c3a382ffc7106e4002c42a8d85')
@@ -279,6 +279,16 @@ BENCHMARKS = {'mini-imagenet': _mini_imagenet, 'tiered-imagenet': _tiered_imagen
 
 
 def _key(name): return ''.join(c for c in str(name).lower() if c.isalnum())
+
+
+# benchmarks that hold another's classes: a backbone trained on either has seen both's base classes
+SAME_CLASSES = {'glyphs-small': 'glyphs'}
+
+
+def same_classes(a, b) -> bool:  # two benchmark names, in any case, with or without '-' or '_'
+    "Whether benchmarks `a` and `b` hold the same classes ('glyphs' and 'glyphs-small' do)."
+    key = lambda n: {_key(k): _key(v) for k, v in SAME_CLASSES.items()}.get(_key(n), _key(n))
+    return a is not None and b is not None and key(a) == key(b)
 
 
 def get_benchmark(
