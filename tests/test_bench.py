@@ -116,3 +116,41 @@ def test_transfer_digits_are_scikit_learns_dark_on_light():
     centre = test.items[:, 1::4, 1::4, 0].astype(float)   # near the centre of each block, where bilinear weights favour it
     expected = 255 * (1 - d.images / 16)
     assert np.corrcoef(centre.ravel(), expected.ravel())[0, 1] > 0.9
+
+
+def _bench_module(name):
+    "bench/<name>.py imported as a module, with bench/ on the path as when it runs."
+    import importlib.util
+    sys.path.insert(0, str(ROOT / 'bench'))
+    spec = importlib.util.spec_from_file_location(name, ROOT / 'bench' / f'{name}.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_study_lazy_rows_keep_the_rows_a_batch_left_unused():
+    "The `lazy rows` row of bench/mtl_study.py: the optimiser's step moves only the head's rows that had a gradient."
+    from types import SimpleNamespace
+    cb = _bench_module('mtl_study').LazyRows()
+    head = torch.nn.Parameter(torch.arange(12.).view(4, 3))
+    head.grad = torch.tensor([[0., 0, 0], [1, 0, 0], [0, 0, 0], [0, 0, -2]])   # rows 1 and 3 in the batch
+    cb.learn = SimpleNamespace(model=SimpleNamespace(head=head))
+    cb.before_step()
+    with torch.no_grad(): head += 100   # a step that moves every row, as momentum moves rows of earlier batches
+    cb.after_step()
+    want = torch.arange(12.).view(4, 3)
+    want[[1, 3]] += 100
+    assert torch.equal(head.detach(), want)
+
+
+def test_study_fewer_classes_keeps_every_image_of_the_classes_drawn(glyph_splits):
+    "The `classes 64` row: 64 base classes drawn with the seed, each with all its images; validation and test unchanged."
+    mod = _bench_module('mtl_study')
+    few = mod.fewer_classes(glyph_splits, 64, seed=0)
+    tr, full = few.train, glyph_splits.train
+    assert few.train.n_classes == 64 and few.val is glyph_splits.val and few.test is glyph_splits.test
+    assert few.train.classes == mod.fewer_classes(glyph_splits, 64, seed=0).train.classes != \
+        mod.fewer_classes(glyph_splits, 64, seed=1).train.classes
+    for c, name in enumerate(tr.classes):
+        k = full.classes.index(name)
+        np.testing.assert_array_equal(tr.items[tr.labels == c], full.items[full.labels == k])
