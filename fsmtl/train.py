@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from fastai.torch_core import default_device, set_seed
 
-from .algorithms import META_ALGORITHMS, SOFTMAX_ALGORITHMS, check_meta, meta_learner, meta_model, native_evaluate
+from .algorithms import META_ALGORITHMS, SOFTMAX_ALGORITHMS, check_meta, meta_learner, meta_model
 from .checkpoint import Checkpoints, backbone_from_checkpoint, load_weights, own_rng_state, read_checkpoint
 from .data.block import FINAL_SHOTS, mtl_dls
 from .data.benchmarks import get_benchmark
@@ -244,8 +244,8 @@ def _final_test(model, source, cfg, progress) -> EvalResults:
     shots = tuple(shot_counts([*FINAL_SHOTS, cfg['test_shots']]))
     episodes = dict(ways=cfg['test_ways'], queries=cfg['test_queries'], episodes=cfg['final_test_epoch_length'],
                     seed=cfg['seed'], progress=progress)
-    if cfg['test_method'] == 'native': return native_evaluate(model, source, 'test', shots=shots, **episodes)
-    return evaluate(model, source, 'test', shots=shots, probe=get_probe(cfg['test_method'], cfg['test_l2']), **episodes)
+    probe = 'native' if cfg['test_method'] == 'native' else get_probe(cfg['test_method'], cfg['test_l2'])
+    return evaluate(model, source, 'test', shots=shots, probe=probe, **episodes)
 
 
 def _configure(given: dict):
