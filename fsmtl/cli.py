@@ -146,9 +146,10 @@ def main(argv=None):
     q.set_defaults(run=_predict)
     from .domains import add_domain_flags
     from .train import OPTIONS
-    t = sub.add_parser('train', help='train a backbone by multi-task learning and test it',
-                       description='Train a backbone by multi-task learning, then test its best checkpoint on 5-way 1- and '
-                                   '5-shot episodes. Flags are those of the original code, with underscores or hyphens.')
+    t = sub.add_parser('train', help='train a backbone (multi-task learning, pretraining or a meta-learner) and test it',
+                       description='Train a backbone by multi-task learning (--algorithm mtl, the default), pretraining or a '
+                                   'meta-learner, then test its best checkpoint on 5-way 1- and 5-shot episodes. Flags are '
+                                   'those of the original code, with underscores or hyphens.')
     _option_flags(t, [k for k in OPTIONS if k != 'progress'])
     t.set_defaults(run=_train)
     e = sub.add_parser('test', help="test a checkpoint's backbone on the test episodes, of its benchmark or of other domains",

@@ -22,10 +22,12 @@ from fastcore.meta import delegates
 from .callbacks import AMP, DDPEarlyStopping, DDPReduceLROnPlateau, EpisodicEval, StopOnNaN, TaskAccuracy
 from .data.core import FewShotSplits, Split
 from .data.tasks import by_class, local_labels
-from .distributed import MTLDistributedTrainer, rank, world
+from .ddp import MTLDistributedTrainer
+from .distributed import rank, world
 from .models import create_backbone
 from .pretrained import FrozenEpochs, follow_input, input_config, mtl_splitter
-from .runlog import EpochTable, interactive
+from .progress import interactive
+from .runlog import EpochTable
 
 __all__ = ['MTLModel', 'MultiTaskLoss', 'BaseClassLoss', 'OPTIMIZERS', 'TORCH_OPTIMIZER', 'get_opt', 'MTLLearner', 'InputOnly', 'mtl_learner', 'plateau_cbs', 'step_sched']
 

@@ -8,7 +8,7 @@ from .data.tasks import EpisodeDL, position_labels, shot_counts, support_query
 from .distributed import gather_episodes, shard_episodes, unwrap
 from .features import extract_features
 from .probe import get_probe
-from .runlog import with_bar
+from .progress import with_bar
 
 __all__ = ['Scorer', 'ProbeScorer', 'NativeScorer', 'score_episodes']
 

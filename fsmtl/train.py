@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from fastai.torch_core import default_device, set_seed
 
-from .algorithms import META_ALGORITHMS, SOFTMAX_ALGORITHMS, check_meta, meta_learner, meta_model
+from .algorithms import SOFTMAX_ALGORITHMS, check_meta, meta_learner, meta_model
 from .checkpoint import Checkpoints, backbone_from_checkpoint, load_weights, own_rng_state, read_checkpoint
 from .data.block import FINAL_SHOTS, mtl_dls
 from .data.benchmarks import get_benchmark
@@ -28,7 +28,7 @@ from .probe import get_probe
 from .runlog import RunCSVLogger, quiet, tensorboard_cb, wandb_cb, write_json
 from .runs import check_unused, resume_hint, resume_source, resumed_config, run_folder
 
-__all__ = ['OPTIONS', 'ALGORITHMS', 'SCHEDULERS', 'RECIPES', 'recipe_command', 'TrainResult', 'train', 'evaluate_checkpoint']
+__all__ = ['OPTIONS', 'SCHEDULERS', 'RECIPES', 'recipe_command', 'TrainResult', 'train', 'evaluate_checkpoint']
 
 # Every option of `train` and of `fsmtl train`, under the original code's names: name -> (default, help).
 OPTIONS = {
@@ -87,7 +87,6 @@ OPTIONS = {
     'svm_max_iters': (15, 'metaoptnet: iterations of the SVM\'s QP solver'),
     'ridge_lambda': (50., 'r2d2: L2 weight of the ridge regression head'),
 }
-ALGORITHMS = (*SOFTMAX_ALGORITHMS, *META_ALGORITHMS)
 META_OPTIONS = ('adaptation_steps', 'adaptation_lr', 'first_order', 'svm_C', 'svm_max_iters', 'ridge_lambda')
 SCHEDULERS = ('plateau', 'step', 'one_cycle')
 
