@@ -220,14 +220,18 @@ def _json_config(cfg: dict) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()}
 
 
-def _dls(cfg, device):
+def _load_size(cfg):
+    "The side the benchmark's images are loaded at, in training and in its test: `size`, or None for their own."
     # a pretrained model's size is served by resizing batches on the device (mtl_learner); folders of mixed sizes load at `size`
-    size = None if cfg['pretrained'] and cfg['dataset'] != 'folder' else cfg['size']
+    return None if cfg['pretrained'] and cfg['dataset'] != 'folder' else cfg['size']
+
+
+def _dls(cfg, device):
     return mtl_dls(cfg['dataset'], root=cfg['root'], train_ways=cfg['train_ways'], train_shots=cfg['train_shots'],
                    train_queries=cfg['train_queries'], meta_batch_size=cfg['meta_batch_size'],
                    epoch_length=cfg['epoch_length'], test_ways=cfg['test_ways'], test_shots=cfg['test_shots'],
                    test_queries=cfg['test_queries'], val_episodes=cfg['val_epoch_length'],
-                   test_episodes=cfg['final_test_epoch_length'], size=size, seed=cfg['seed'],
+                   test_episodes=cfg['final_test_epoch_length'], size=_load_size(cfg), seed=cfg['seed'],
                    num_workers=cfg['num_workers'], device=device)
 
 
@@ -385,8 +389,8 @@ def evaluate_checkpoint(load_path,  # a checkpoint file (best.pth, last.pth) or 
     backbone = backbone_from_checkpoint(st, p / 'best.pth' if p.is_dir() else p)
     init_distributed()   # under torchrun, each process tests its share of the episodes
     splits = get_benchmark(cfg['dataset'], root=cfg['root'])
-    if cfg['size'] is not None and not cfg['pretrained']:
-        for s in ('train', 'val', 'test'): splits[s].size = cfg['size']
+    if (size := _load_size(cfg)) is not None:   # as training loaded them
+        for s in ('train', 'val', 'test'): splits[s].size = size
     # a pretrained backbone's input (its size, mean and std), as its checkpoint records it
     if cfg['pretrained']:
         splits = dataclasses.replace(splits, mean=tuple(st['mean']), std=tuple(st['std']), input_size=st['size'],
