@@ -15,9 +15,8 @@ from fastcore.foundation import L
 
 from .data.tasks import EpisodeDL, shot_counts
 from .distributed import gather_episodes, is_main, shard_episodes
-from .evaluate import EvalResults
 from .features import model_device
-from .scoring import ProbeScorer
+from .scoring import EvalResults, ProbeScorer
 
 __all__ = ['EpisodicEval', 'TaskAccuracy', 'StopOnNaN', 'AMP', 'DDPReduceLROnPlateau', 'DDPEarlyStopping']
 

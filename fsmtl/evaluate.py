@@ -1,8 +1,6 @@
 "The episodic test: its episodes, the scorer of its method, and each shot count's mean accuracy and 95% CI."
 from __future__ import annotations
-from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from fastai.learner import Learner
 from fastcore.basics import patch_to
@@ -13,48 +11,9 @@ from .data.block import episode_dl
 from .data.core import FewShotSplits
 from .data.tasks import EpisodeDL, shot_counts
 from .features import model_device
-from .scoring import NativeScorer, ProbeScorer, Scorer, score_episodes
+from .scoring import EvalResults, NativeScorer, ProbeScorer, Scorer, score_episodes
 
-__all__ = ['EvalResult', 'EvalResults', 'ci95', 'get_scorer', 'episode_loader', 'evaluate']
-
-
-def ci95(accs  # accuracy of each episode
-         ) -> float:
-    "Half-width of the 95% confidence interval of the mean of `accs`."
-    # 1.96 * std / sqrt(n), the std over the episodes
-    accs = np.asarray(accs, dtype=np.float64)
-    return float(1.96 * accs.std() / np.sqrt(len(accs)))
-
-
-@dataclass
-class EvalResult:
-    "Accuracy of fixed episodes, shown as `77.72 ± 0.09%`."
-    # `mean` and `ci95` are fractions, from the per-episode `accs`
-    accs: np.ndarray = field(repr=False)   # accuracy of each episode, 0..1
-    ways: int = 5                          # classes in an episode
-    shots: int = 5                         # support images per class
-    queries: int = 15                      # query images per class
-
-    @property
-    def mean(self) -> float: return float(np.mean(self.accs))
-    @property
-    def ci95(self) -> float: return ci95(self.accs)
-    @property
-    def episodes(self) -> int: return len(self.accs)
-
-    def __repr__(self): return f"{100 * self.mean:.2f} ± {100 * self.ci95:.2f}%"
-    def __str__(self): return f"{self.ways}-way {self.shots}-shot: {self!r} ({self.episodes} episodes)"
-
-
-class EvalResults(dict):
-    "`EvalResult`s by shot count, one line each."
-    def __repr__(self): return '\n'.join(str(r) for r in self.values())
-
-    @classmethod
-    def of(cls, accs,  # per-episode accuracies by shot count
-           dl):        # the `EpisodeDL` they were scored on
-        "The results of per-episode accuracies `accs` on `dl`'s episodes."
-        return cls({s: EvalResult(a, dl.ways, s, dl.queries) for s, a in accs.items()})
+__all__ = ['get_scorer', 'episode_loader', 'evaluate']
 
 
 def get_scorer(model,                     # a backbone, a model with a `backbone`, or a meta-learner's model

@@ -1,5 +1,6 @@
-"Scoring fixed episodes: the `Scorer` interface, the probe's and the model's own head's, and the one sharded loop."
+"Scoring fixed episodes: the `Scorer` interface, the probe's and the model's own head's, the one sharded loop, the results."
 from __future__ import annotations
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -10,7 +11,7 @@ from .features import extract_features
 from .probe import get_probe
 from .progress import with_bar
 
-__all__ = ['Scorer', 'ProbeScorer', 'NativeScorer', 'score_episodes']
+__all__ = ['Scorer', 'ProbeScorer', 'NativeScorer', 'score_episodes', 'EvalResult', 'EvalResults', 'ci95']
 
 
 class Scorer:
@@ -122,3 +123,42 @@ def score_episodes(scorer: Scorer,         # how each episode is scored
     scorer.begin(dl)
     for x, _ in with_bar(dl, progress): scorer.add(x.as_subclass(torch.Tensor))
     return gather_episodes(scorer.result(), dl)
+
+
+def ci95(accs  # accuracy of each episode
+         ) -> float:
+    "Half-width of the 95% confidence interval of the mean of `accs`."
+    # 1.96 * std / sqrt(n), the std over the episodes
+    accs = np.asarray(accs, dtype=np.float64)
+    return float(1.96 * accs.std() / np.sqrt(len(accs)))
+
+
+@dataclass
+class EvalResult:
+    "Accuracy of fixed episodes, shown as `77.72 ± 0.09%`."
+    # `mean` and `ci95` are fractions, from the per-episode `accs`
+    accs: np.ndarray = field(repr=False)   # accuracy of each episode, 0..1
+    ways: int = 5                          # classes in an episode
+    shots: int = 5                         # support images per class
+    queries: int = 15                      # query images per class
+
+    @property
+    def mean(self) -> float: return float(np.mean(self.accs))
+    @property
+    def ci95(self) -> float: return ci95(self.accs)
+    @property
+    def episodes(self) -> int: return len(self.accs)
+
+    def __repr__(self): return f"{100 * self.mean:.2f} ± {100 * self.ci95:.2f}%"
+    def __str__(self): return f"{self.ways}-way {self.shots}-shot: {self!r} ({self.episodes} episodes)"
+
+
+class EvalResults(dict):
+    "`EvalResult`s by shot count, one line each."
+    def __repr__(self): return '\n'.join(str(r) for r in self.values())
+
+    @classmethod
+    def of(cls, accs,  # per-episode accuracies by shot count
+           dl):        # the `EpisodeDL` they were scored on
+        "The results of per-episode accuracies `accs` on `dl`'s episodes."
+        return cls({s: EvalResult(a, dl.ways, s, dl.queries) for s, a in accs.items()})

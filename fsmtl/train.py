@@ -20,13 +20,14 @@ from .data.block import FINAL_SHOTS, mtl_dls
 from .data.benchmarks import get_benchmark
 from .data.tasks import shot_counts
 from .distributed import broadcast_object, init_distributed, is_main, local_batch, rank, rank_seed, world
-from .evaluate import EvalResults, evaluate
+from .evaluate import evaluate
 from .learner import get_opt
 from .files import RunLock
 from .pretrained import FrozenEpochs
 from .probe import get_probe
 from .runlog import RunCSVLogger, quiet, tensorboard_cb, wandb_cb, write_json
 from .runs import check_unused, resume_hint, resume_source, resumed_config, run_folder
+from .scoring import EvalResults
 
 __all__ = ['OPTIONS', 'SCHEDULERS', 'RECIPES', 'recipe_command', 'TrainResult', 'train', 'evaluate_checkpoint']
 

@@ -13,8 +13,8 @@ from torch import nn
 
 import fsmtl.scoring as S
 from fsmtl.data.block import episode_dl, mtl_dls
-from fsmtl.evaluate import EvalResult, EvalResults, ci95, evaluate
-from fsmtl.scoring import ProbeScorer, score_episodes
+from fsmtl.evaluate import evaluate
+from fsmtl.scoring import EvalResult, EvalResults, ProbeScorer, ci95, score_episodes
 from fsmtl.probe import LogisticProbe
 from helpers import coded_splits
 

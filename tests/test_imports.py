@@ -68,7 +68,8 @@ def test_no_import_circle():
     ('fsmtl.data.glyphs', {'fsmtl.files', 'fsmtl.progress', 'fsmtl.data.core'}),
     ('fsmtl.runlog', {'fsmtl.files'}),                      # not `checkpoint`
     ('fsmtl.distributed', {'fsmtl.data.tasks'}),            # ranks and shares; the trainer callback is in `ddp`
-    ('fsmtl.scoring', {'fsmtl.data.tasks', 'fsmtl.distributed', 'fsmtl.features', 'fsmtl.probe', 'fsmtl.progress'})])
+    ('fsmtl.scoring', {'fsmtl.data.tasks', 'fsmtl.distributed', 'fsmtl.features', 'fsmtl.probe', 'fsmtl.progress'}),
+    ('fsmtl.callbacks', {'fsmtl.data.tasks', 'fsmtl.distributed', 'fsmtl.features', 'fsmtl.scoring'})])
 def test_what_the_lower_floors_import(module, below):
     assert import_graph()[module] == below
 
