@@ -9,7 +9,7 @@ from torch import nn
 
 from .data.tasks import by_class, position_labels
 from .data.transforms import BatchColorJitter, BatchCropFlip, lee19_padding
-from .features import _forward, extract_features, feature_model, model_device
+from .features import extract_features, feature_model, model_device, pooled_features
 from .scoring import ProbeScorer, Scorer
 
 __all__ = ['scaled_padding', 'finetune_copy', 'FinetuneScorer']
@@ -40,7 +40,7 @@ def finetune_copy(backbone: nn.Module,       # the trained backbone; it is left 
     m, s = (torch.tensor(v, device=device, dtype=x.dtype).view(1, -1, 1, 1) for v in (mean, std))
     raw = (x * s + m).clamp(0, 1)   # the augmentation works on pixels in 0..1, as in training
     with torch.no_grad():
-        f = F.normalize(_forward(model, x).flatten(1), dim=-1)
+        f = F.normalize(pooled_features(model, x).flatten(1), dim=-1)
         protos = torch.zeros(int(y.max()) + 1, f.shape[1], device=device).index_add_(0, y, f)
     head = nn.Parameter(F.normalize(protos, dim=-1))
     opt = torch.optim.SGD([*model.parameters(), head], lr=lr, momentum=0.9)
@@ -50,7 +50,7 @@ def finetune_copy(backbone: nn.Module,       # the trained backbone; it is left 
         for _ in range(steps):
             a = crop.apply(raw, *crop.draw(len(raw), device))   # a fresh tensor, which the jitter changes in place
             a = (jitter.apply(a, *jitter.draw(len(a), device)) - m) / s
-            logits = temperature * F.normalize(_forward(model, a).flatten(1), dim=-1) @ F.normalize(head, dim=-1).T
+            logits = temperature * F.normalize(pooled_features(model, a).flatten(1), dim=-1) @ F.normalize(head, dim=-1).T
             loss = F.cross_entropy(logits, y)
             opt.zero_grad()
             loss.backward()

@@ -43,12 +43,11 @@ def _predict(args):
     import csv
     from pathlib import Path
     from .classifier import FewShotClassifier
-    from .data.benchmarks import _class_dirs
-    from .data.images import check_images, class_images, image_files, unreadable_images
+    from .data.images import check_images, class_dirs, class_images, image_files, unreadable_images
     support, query = Path(args.support).expanduser(), Path(args.query).expanduser()
     for d in (support, query):
         if not d.is_dir(): raise FileNotFoundError(f"No folder {d}")
-    dirs = _class_dirs(support)
+    dirs = class_dirs(support)
     if len(dirs) < 2:
         raise ValueError(f"{support} has {len(dirs)} class folder(s): give one folder of example images per class, two at least")
     files = class_images(dirs)   # a class's examples are the images under its folder, as in a folder benchmark
