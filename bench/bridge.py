@@ -37,7 +37,7 @@ import torch
 from fastai.callback.core import Callback, CancelFitException, CancelTrainException
 from fastai.torch_core import set_seed
 
-from fsmtl.algorithms import SOFTMAX_ALGORITHMS, meta_learner, native_evaluate
+from fsmtl.algorithms import SOFTMAX_ALGORITHMS, meta_learner
 from fsmtl.data.block import mtl_dls
 from fsmtl.evaluate import evaluate
 from fsmtl.learner import plateau_cbs
@@ -104,7 +104,7 @@ def one(args):
                                         epochs=len(log), wall=log[-1][0])
         if args.one not in SOFTMAX_ALGORITHMS and args.native_episodes:
             # the first `native_episodes` of those episodes, drawn again
-            nat = native_evaluate(learn.model, dls, 'test', shots=(1, 5), episodes=args.native_episodes, progress=False)
+            nat = evaluate(learn.model, dls, 'test', shots=(1, 5), episodes=args.native_episodes, probe='native', progress=False)
             score['native'] = {s: (r.mean, r.ci95) for s, r in nat.items()}
     out['peak_mib'] = (torch.cuda.max_memory_allocated() / 2 ** 20 if device == 'cuda'
                        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

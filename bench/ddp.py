@@ -27,7 +27,8 @@ from fastai.callback.core import Callback, CancelValidException
 
 from _common import sync, synthetic_splits
 from fsmtl.data.block import mtl_dls
-from fsmtl.distributed import MTLDistributedTrainer, init_distributed, is_main, world
+from fsmtl.ddp import MTLDistributedTrainer
+from fsmtl.distributed import init_distributed, is_main, world
 from fsmtl.features import model_device
 from fsmtl.learner import mtl_learner
 from fsmtl.runlog import quiet

@@ -89,10 +89,10 @@ def child(queries, episodes, device):
         torch.cuda.reset_peak_memory_stats()
         gpu_base = torch.cuda.memory_allocated()
 
-    # the peak up to the end of the first batch's forward pass, read by wrapping the name evaluate's loop calls (the
+    # the peak up to the end of the first batch's forward pass, read by wrapping the name the probe's scorer calls (the
     # library is not changed): it does not vary between runs, while later batches add what the allocator keeps
-    import fsmtl.evaluate as ev
-    extract, first = ev.extract_features, {}
+    import fsmtl.scoring as sc
+    extract, first = sc.extract_features, {}
     def first_batch(model, x, *args, **kwargs):
         out = extract(model, x, *args, **kwargs)
         if not first:
@@ -100,7 +100,7 @@ def child(queries, episodes, device):
             first.update(images=len(x), rss=status('VmHWM') if exact else status('VmRSS'))
             if cuda: first['gpu'] = torch.cuda.max_memory_allocated() - gpu_base
         return out
-    ev.extract_features = first_batch
+    sc.extract_features = first_batch
     exact = reset_hwm()
     base = status('VmRSS')
     sampler = Sampler()

@@ -7,14 +7,12 @@ import torch.nn.functional as F
 from fastai.data.transforms import Normalize
 from torch import nn
 
+from .data.tasks import by_class, position_labels
 from .data.transforms import BatchColorJitter, BatchCropFlip, lee19_padding
-from .data.tasks import shot_counts
-from .distributed import gather_episodes, shard_episodes
-from .evaluate import EpisodeScorer
-from .features import _forward, extract_features, feature_model, model_device
-from .runlog import with_bar
+from .features import extract_features, feature_model, model_device, pooled_features
+from .scoring import ProbeScorer, Scorer
 
-__all__ = ['scaled_padding', 'finetune_copy', 'finetuned_accuracy']
+__all__ = ['scaled_padding', 'finetune_copy', 'FinetuneScorer']
 
 
 def scaled_padding(size: int  # side of the square images
@@ -42,7 +40,7 @@ def finetune_copy(backbone: nn.Module,       # the trained backbone; it is left 
     m, s = (torch.tensor(v, device=device, dtype=x.dtype).view(1, -1, 1, 1) for v in (mean, std))
     raw = (x * s + m).clamp(0, 1)   # the augmentation works on pixels in 0..1, as in training
     with torch.no_grad():
-        f = F.normalize(_forward(model, x).flatten(1), dim=-1)
+        f = F.normalize(pooled_features(model, x).flatten(1), dim=-1)
         protos = torch.zeros(int(y.max()) + 1, f.shape[1], device=device).index_add_(0, y, f)
     head = nn.Parameter(F.normalize(protos, dim=-1))
     opt = torch.optim.SGD([*model.parameters(), head], lr=lr, momentum=0.9)
@@ -52,7 +50,7 @@ def finetune_copy(backbone: nn.Module,       # the trained backbone; it is left 
         for _ in range(steps):
             a = crop.apply(raw, *crop.draw(len(raw), device))   # a fresh tensor, which the jitter changes in place
             a = (jitter.apply(a, *jitter.draw(len(a), device)) - m) / s
-            logits = temperature * F.normalize(_forward(model, a).flatten(1), dim=-1) @ F.normalize(head, dim=-1).T
+            logits = temperature * F.normalize(pooled_features(model, a).flatten(1), dim=-1) @ F.normalize(head, dim=-1).T
             loss = F.cross_entropy(logits, y)
             opt.zero_grad()
             loss.backward()
@@ -61,30 +59,43 @@ def finetune_copy(backbone: nn.Module,       # the trained backbone; it is left 
     return model
 
 
-def finetuned_accuracy(model,              # a backbone, or a model with a `backbone`
-                       dl,                 # an `EpisodeDL`: fixed episodes, class-major, supports first
-                       shots=(1, 5),       # shot counts; each fine-tunes its own copy on its own supports
-                       probe='logistic',   # a probe name for `get_probe`, or a probe
-                       steps: int = 50,    # fine-tuning steps per episode
-                       lr: float = 1e-3,   # fine-tuning learning rate
-                       chunk: int = 256,   # images per forward pass
-                       seed: int | None = None,  # fixes each episode's augmentation draws; None: the episodes' seed
-                       progress: bool = False):  # show a progress bar
-    "Per-episode query accuracy per shot count, each episode scored by a copy fine-tuned on its supports."
-    backbone, counts = feature_model(model), shot_counts(shots)
-    norm = next(t for t in dl.after_batch.fs if isinstance(t, Normalize))   # the loader's own normalisation
-    mean, std = norm.mean.flatten().tolist(), norm.std.flatten().tolist()
-    seed = dl.seed if seed is None else seed
-    # under torch.distributed each process fine-tunes on its share of the episodes, each episode with its own seed
-    dl = shard_episodes(dl)
-    k = dl.shard[0] if getattr(dl, 'shard', None) is not None else 0
-    scorers = {s: EpisodeScorer(dl.ways, dl.per_class, dl.queries, [s], probe) for s in counts}
-    for x, _ in with_bar(dl, progress):
-        for ep in x.as_subclass(torch.Tensor).view(-1, dl.ways, dl.per_class, *x.shape[1:]):
-            for s in counts:
-                sup = ep[:, :s].flatten(0, 1)
-                y = torch.arange(dl.ways, device=sup.device).repeat_interleave(s)
-                tuned = finetune_copy(backbone, sup, y, mean, std, steps, lr, seed=seed + k)
-                scorers[s].add(extract_features(tuned, ep.flatten(0, 1), chunk))
-            k += 1
-    return gather_episodes({s: sc.result()[s] for s, sc in scorers.items()}, dl)
+class FinetuneScorer(Scorer):
+    "A probe on the features of a copy of the backbone fine-tuned on each episode's supports (P>M>F)."
+    # each shot count tunes its own copy on its own supports; each episode's augmentation has a seed of its own
+    def __init__(self,
+                 model,                    # a backbone, or a model with a `backbone`
+                 shots=(1, 5),             # shot counts; each fine-tunes its own copy on its own supports
+                 probe='logistic',         # a probe name for `get_probe`, or a probe
+                 steps: int = 50,          # fine-tuning steps per episode
+                 lr: float = 1e-3,         # fine-tuning learning rate
+                 chunk: int = 256,         # images a forward pass
+                 seed: int | None = None): # fixes episode k's augmentation draws by `seed + k`; None: the episodes' seed
+        super().__init__(feature_model(model), shots, chunk)
+        self.probe, self.steps, self.lr, self.seed = probe, steps, lr, seed
+
+    def begin(self,
+              dl):  # the episodes to score: an `EpisodeDL`, or this process's share of one
+        "Get ready to score the episodes of `dl`, normalised as its batches are."
+        super().begin(dl)
+        norm = next(t for t in dl.after_batch.fs if isinstance(t, Normalize))   # the loader's own normalisation
+        self.mean, self.std = norm.mean.flatten().tolist(), norm.std.flatten().tolist()
+        # the seed of the next episode: `seed` plus its number among all the episodes, so that a process's share is tuned
+        # as in one process
+        first = dl.shard[0] if getattr(dl, 'shard', None) is not None else 0
+        self.next_seed = (dl.seed if self.seed is None else self.seed) + first
+        self.probes = {s: ProbeScorer(None, [s], self.probe).begin(dl) for s in self.shots}
+        return self
+
+    def add(self,
+            x):  # images of whole episodes (E*ways*per_class, C, H, W), class-major, supports first
+        "Score a batch of whole episodes, each by copies tuned on its supports."
+        for ep in by_class(x, self.ways, self.per_class):
+            for s in self.shots:
+                tuned = finetune_copy(self.model, ep[:, :s].flatten(0, 1), position_labels(1, self.ways, s, x.device)[0],
+                                      self.mean, self.std, self.steps, self.lr, seed=self.next_seed)
+                self.probes[s].add_features(extract_features(tuned, ep.flatten(0, 1), self.chunk))
+            self.next_seed += 1
+
+    def result(self) -> dict:
+        "Per-episode accuracy of each shot count, of the episodes added so far."
+        return {s: p.result()[s] for s, p in self.probes.items()}

@@ -8,14 +8,12 @@ from fastcore.basics import store_attr
 from fastcore.meta import delegates
 from torch import nn
 
-from .data.tasks import shot_counts
-from .evaluate import EvalResults, episode_loader
-from .features import extract_features, model_device
+from .data.tasks import by_class, position_labels, support_query
+from .features import extract_features
 from .learner import MTLLearner, mtl_learner
-from .runlog import with_bar
 
-__all__ = ['SOFTMAX_ALGORITHMS', 'META_ALGORITHMS', 'split_tasks', 'position_labels', 'proto_logits', 'ridge_logits', 'svm_logits', 'EpisodeLoss',
-           'FeatureHeadModel', 'MAMLModel', 'check_meta', 'meta_model', 'meta_learner', 'native_accuracy', 'native_evaluate']
+__all__ = ['SOFTMAX_ALGORITHMS', 'META_ALGORITHMS', 'split_tasks', 'proto_logits', 'ridge_logits', 'svm_logits', 'EpisodeLoss',
+           'FeatureHeadModel', 'MAMLModel', 'check_meta', 'meta_model', 'meta_learner']
 
 # name -> what it trains: `mtl_learner`'s model, one head row a base class, by a softmax
 SOFTMAX_ALGORITHMS = {'mtl': "over each training task's own classes (Wang et al. 2021)",
@@ -37,16 +35,7 @@ def split_tasks(z,             # images or features of whole tasks (T*ways*per_c
     per_class = shots + queries
     if len(z) % (ways * per_class) or len(z) == 0:
         raise ValueError(f"a batch of {len(z)} items is not whole tasks of {ways} classes x {per_class} images (shots + queries)")
-    z = z.view(-1, ways, per_class, *z.shape[1:])
-    return z[:, :, :shots].flatten(1, 2), z[:, :, shots:].flatten(1, 2)
-
-
-def position_labels(tasks: int,       # tasks
-                    ways: int,        # classes in a task
-                    per_class: int,   # images per class in a task
-                    device=None):     # where the labels go
-    "Labels 0..ways-1 (tasks, ways*per_class) of class-major tasks."
-    return torch.arange(ways, device=device).repeat_interleave(per_class).expand(tasks, -1)
+    return support_query(z, ways, per_class, shots, queries)
 
 
 def proto_logits(support,      # support features (T, n, D)
@@ -114,12 +103,6 @@ class EpisodeLoss(nn.Module):
     def forward(self, logits, y): return F.cross_entropy(*self.task_logits(logits, y))
 
 
-def _episode_parts(x, ways: int, per_class: int, queries: int):
-    "Episodes `x` as (E, ways, per_class, ...) and their queries (E, ways*queries, ...)."
-    z = x.view(-1, ways, per_class, *x.shape[1:])
-    return z, z[:, :, per_class - queries:].flatten(1, 2)
-
-
 class FeatureHeadModel(nn.Module):
     "A backbone and an episodic head: `proto`, `svm` or `ridge`."
     # `head` is the learned scale of the svm and ridge scores
@@ -162,10 +145,12 @@ class FeatureHeadModel(nn.Module):
                          chunk: int = 256):  # images per forward pass
         "Predicted classes of each episode's queries, by shot count."
         # (E, ways*queries) per shot count, from the head on the trained features
-        f, fq = _episode_parts(extract_features(self.backbone, x, chunk, normalize=False), ways, per_class, queries)
+        f, out = extract_features(self.backbone, x, chunk, normalize=False), {}
         with torch.no_grad():
-            return {s: self.head_scores(f[:, :, :s].flatten(1, 2), position_labels(len(f), ways, s, f.device), fq, ways).argmax(-1)
-                    for s in shots}
+            for s in shots:
+                fs, fq = support_query(f, ways, per_class, s, queries)
+                out[s] = self.head_scores(fs, position_labels(len(fs), ways, s, f.device), fq, ways).argmax(-1)
+        return out
 
 
 class _LinearHead(nn.Module):
@@ -254,7 +239,7 @@ class MAMLModel(nn.Module):
         self.eval()   # batch norm's running statistics and no DropBlock: a 1-shot support is too small to normalise by
         try:
             if self.head_only: x = extract_features(self.backbone, x, chunk, normalize=False)
-            z, q = _episode_parts(x, ways, per_class, queries)
+            z, q = by_class(x, ways, per_class), support_query(x, ways, per_class, 1, queries)[1]
             out = {s: [] for s in shots}
             for e in range(len(z)):
                 for s in shots:
@@ -342,46 +327,3 @@ def meta_learner(dls,                          # DataLoaders from `mtl_dls`
                              svm_C, svm_max_iters, ridge_lambda)
     learn.loss_func = EpisodeLoss(train.ways, queries)
     return learn
-
-
-def _check_native(model):
-    if not hasattr(model, 'predict_episodes'):
-        raise ValueError("test_method='native' tests a meta-learner's own head: train with algorithm protonet, metaoptnet, "
-                         "r2d2, anil or maml, or use a probe (l2, sklearn, proto)")
-
-
-def native_accuracy(model,               # a model of `meta_model`
-                    dl,                  # an `EpisodeDL`: fixed episodes, class-major, supports first
-                    shots=(1, 5),        # shot counts; each uses the first supports of a class
-                    chunk: int = 256,    # images a forward pass
-                    progress: bool = False):  # show a progress bar
-    "Per-episode query accuracy per shot count by the algorithm's own head."
-    _check_native(model)
-    counts = shot_counts(shots)
-    yq = torch.arange(dl.ways, device=dl.device).repeat_interleave(dl.queries)
-    accs = {s: [] for s in counts}
-    for x, _ in with_bar(dl, progress):
-        for s, pred in model.predict_episodes(x.as_subclass(torch.Tensor), dl.ways, dl.per_class, dl.queries, counts, chunk).items():
-            accs[s].append((pred == yq).float().mean(1).cpu())
-    return {s: torch.cat(a).numpy() for s, a in accs.items()}
-
-
-def native_evaluate(model,                 # a model of `meta_model`
-                    source,                # an `EpisodeDL`, `mtl_dls`'s DataLoaders, `FewShotSplits` or a benchmark name
-                    split: str = 'test',   # the split of the episodes
-                    ways: int | None = None,      # classes per episode; None: the loader's, else 5
-                    shots=(1, 5),                 # shot counts, all scored on the same episodes and query images
-                    queries: int | None = None,   # query images per class; None: the loader's, else 15
-                    episodes: int | None = None,  # episodes; None: the loader's, else 2000
-                    seed: int | None = None,      # fixes the episodes; None: the loader's, else 0
-                    chunk: int = 256,      # images loaded at once
-                    progress: bool = True  # show a progress bar
-                    ) -> EvalResults:
-    "The episodic test by the algorithm's own head (prototypes, SVM, ridge, MAML): mean ± 95% CI."
-    counts = shot_counts(shots)
-    _check_native(model)   # before any episode is drawn
-    dl = episode_loader(source, split, counts[-1], model_device(model), chunk, ways=ways, queries=queries, n=episodes,
-                        seed=seed)
-    accs = native_accuracy(model, dl, counts, chunk, progress)
-    results = EvalResults.of(accs, dl)
-    return results if not isinstance(shots, int) else results[shots]

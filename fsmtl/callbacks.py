@@ -15,8 +15,8 @@ from fastcore.foundation import L
 
 from .data.tasks import EpisodeDL, shot_counts
 from .distributed import gather_episodes, is_main, shard_episodes
-from .evaluate import EpisodeScorer, EvalResults
-from .features import extract_features, model_device
+from .features import model_device
+from .scoring import EvalResults, ProbeScorer
 
 __all__ = ['EpisodicEval', 'TaskAccuracy', 'StopOnNaN', 'AMP', 'DDPReduceLROnPlateau', 'DDPEarlyStopping']
 
@@ -73,14 +73,14 @@ class EpisodicEval(Callback):
             warnings.filterwarnings('ignore', message='Your generator is empty', module='fastprogress')
             self.learn.dl = []
             return
-        # fastai's loop runs over the episodes (with its progress bar); `before_batch` takes their features. Under
-        # torch.distributed, each rank scores its share of them and `after_validate` gathers all their accuracies
+        # `score_episodes` with fastai's loop (and its progress bar) as the loop: `before_batch` scores each batch of
+        # episodes. Under torch.distributed, each rank scores its share and `after_validate` gathers all the accuracies
         dl = self.learn.dl = shard_episodes(dl)
-        self.scorer = EpisodeScorer(dl.ways, dl.per_class, dl.queries, self.shot_counts, self.probe)
+        self.scorer = ProbeScorer(self.learn.model, self.shot_counts, self.probe, self.chunk).begin(dl)
 
     def before_batch(self):
         if self.training or self.scorer is None: return
-        self.scorer.add(extract_features(self.learn.model, self.learn.xb[0], self.chunk))
+        self.scorer.add(self.learn.xb[0].as_subclass(torch.Tensor))
         self.learn.yb = ()   # the Recorder then leaves the validation loss alone: there is none on novel classes
         raise CancelBatchException
 

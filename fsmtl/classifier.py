@@ -10,8 +10,7 @@ from torch import nn
 
 from .adapt import finetune_copy
 from .checkpoint import backbone_from_checkpoint, read_checkpoint, save_atomic
-from .data.core import _decode
-from .data.images import rgb
+from .data.images import decode_image, rgb
 from .data.transforms import BatchResize
 from .features import extract_features, feature_model, model_device
 from .probe import get_probe
@@ -53,7 +52,7 @@ def _image(im, size: int) -> torch.Tensor:
         im = rgb(im)
         if im.size != (size, size): im = im.resize((size, size), Image.BILINEAR)
         im = np.asarray(im)
-    elif isinstance(im, (str, Path, bytes)): im = _decode(im, size)
+    elif isinstance(im, (str, Path, bytes)): im = decode_image(im, size)
     else: raise TypeError(f"cannot read an image from {type(im).__name__}: pass file paths, PIL images, arrays or tensors")
     return torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255
 

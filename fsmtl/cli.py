@@ -43,12 +43,11 @@ def _predict(args):
     import csv
     from pathlib import Path
     from .classifier import FewShotClassifier
-    from .data.benchmarks import _class_dirs
-    from .data.images import check_images, class_images, image_files, unreadable_images
+    from .data.images import check_images, class_dirs, class_images, image_files, unreadable_images
     support, query = Path(args.support).expanduser(), Path(args.query).expanduser()
     for d in (support, query):
         if not d.is_dir(): raise FileNotFoundError(f"No folder {d}")
-    dirs = _class_dirs(support)
+    dirs = class_dirs(support)
     if len(dirs) < 2:
         raise ValueError(f"{support} has {len(dirs)} class folder(s): give one folder of example images per class, two at least")
     files = class_images(dirs)   # a class's examples are the images under its folder, as in a folder benchmark
@@ -146,9 +145,10 @@ def main(argv=None):
     q.set_defaults(run=_predict)
     from .domains import add_domain_flags
     from .train import OPTIONS
-    t = sub.add_parser('train', help='train a backbone by multi-task learning and test it',
-                       description='Train a backbone by multi-task learning, then test its best checkpoint on 5-way 1- and '
-                                   '5-shot episodes. Flags are those of the original code, with underscores or hyphens.')
+    t = sub.add_parser('train', help='train a backbone (multi-task learning, pretraining or a meta-learner) and test it',
+                       description='Train a backbone by multi-task learning (--algorithm mtl, the default), pretraining or a '
+                                   'meta-learner, then test its best checkpoint on 5-way 1- and 5-shot episodes. Flags are '
+                                   'those of the original code, with underscores or hyphens.')
     _option_flags(t, [k for k in OPTIONS if k != 'progress'])
     t.set_defaults(run=_train)
     e = sub.add_parser('test', help="test a checkpoint's backbone on the test episodes, of its benchmark or of other domains",

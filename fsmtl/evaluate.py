@@ -1,113 +1,36 @@
-"The episodic test: a probe fitted and scored per episode; mean accuracy and 95% CI."
+"The episodic test: its episodes, the scorer of its method, and each shot count's mean accuracy and 95% CI."
 from __future__ import annotations
-from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from fastai.learner import Learner
-from fastcore.basics import patch
+from fastcore.basics import patch_to
 
+from .adapt import FinetuneScorer
 from .data.benchmarks import get_benchmark
 from .data.block import episode_dl
 from .data.core import FewShotSplits
 from .data.tasks import EpisodeDL, shot_counts
-from .distributed import gather_episodes, shard_episodes
-from .features import extract_features, model_device
-from .probe import get_probe
-from .runlog import with_bar
+from .features import model_device
+from .scoring import EvalResults, NativeScorer, ProbeScorer, Scorer, score_episodes
 
-__all__ = ['EvalResult', 'EvalResults', 'EpisodeScorer', 'ci95', 'episodic_accuracy', 'episode_loader', 'evaluate']
+__all__ = ['get_scorer', 'episode_loader', 'evaluate']
 
 
-def ci95(accs  # accuracy of each episode
-         ) -> float:
-    "Half-width of the 95% confidence interval of the mean of `accs`."
-    # 1.96 * std / sqrt(n), the std over the episodes
-    accs = np.asarray(accs, dtype=np.float64)
-    return float(1.96 * accs.std() / np.sqrt(len(accs)))
-
-
-@dataclass
-class EvalResult:
-    "Accuracy of fixed episodes, shown as `77.72 ± 0.09%`."
-    # `mean` and `ci95` are fractions, from the per-episode `accs`
-    accs: np.ndarray = field(repr=False)   # accuracy of each episode, 0..1
-    ways: int = 5                          # classes in an episode
-    shots: int = 5                         # support images per class
-    queries: int = 15                      # query images per class
-
-    @property
-    def mean(self) -> float: return float(np.mean(self.accs))
-    @property
-    def ci95(self) -> float: return ci95(self.accs)
-    @property
-    def episodes(self) -> int: return len(self.accs)
-
-    def __repr__(self): return f"{100 * self.mean:.2f} ± {100 * self.ci95:.2f}%"
-    def __str__(self): return f"{self.ways}-way {self.shots}-shot: {self!r} ({self.episodes} episodes)"
-
-
-class EvalResults(dict):
-    "`EvalResult`s by shot count, one line each."
-    def __repr__(self): return '\n'.join(str(r) for r in self.values())
-
-    @classmethod
-    def of(cls, accs,  # per-episode accuracies by shot count
-           dl):        # the `EpisodeDL` they were scored on
-        "The results of per-episode accuracies `accs` on `dl`'s episodes."
-        return cls({s: EvalResult(a, dl.ways, s, dl.queries) for s, a in accs.items()})
-
-
-class EpisodeScorer:
-    "Scores episodes' features with a probe, batch by batch."
-    def __init__(self,
-                 ways: int,              # classes in an episode
-                 per_class: int,         # images per class in an episode: supports first, then `queries`
-                 queries: int,           # query images per class
-                 shots=(1, 5),           # shot counts to score; each uses the first supports of each class
-                 probe='logistic',       # a probe name for `get_probe`, or a probe
-                 group: int = 2 ** 15):  # feature rows kept before the probe runs on their episodes
-        self.ways, self.per_class, self.queries, self.probe, self.group = ways, per_class, queries, probe, group
-        self.shots = shot_counts(shots)
-        if queries < 1: raise ValueError(f"queries must be at least 1, got {queries}")
-        if max(self.shots) > per_class - queries:
-            raise ValueError(f"the episodes have {per_class - queries} support images a class, fewer than {max(self.shots)} shots")
-        self.accs, self.held, self.rows = {s: [] for s in self.shots}, [], 0
-
-    def add(self, features):  # features (n * ways * per_class, D) of whole episodes
-        "Take the features of whole episodes, in the order of their images."
-        self.held.append(features)
-        self.rows += len(features)
-        if self.rows >= self.group: self._score()
-
-    def _score(self):
-        f = torch.cat(self.held).view(-1, self.ways, self.per_class, self.held[0].shape[-1])
-        self.held, self.rows = [], 0
-        q = f[:, :, self.per_class - self.queries:].flatten(1, 2)
-        yq = torch.arange(self.ways, device=f.device).repeat_interleave(self.queries)
-        for s in self.shots:
-            y = torch.arange(self.ways, device=f.device).repeat_interleave(s).expand(len(f), -1)
-            pred = get_probe(self.probe).fit(f[:, :, :s].flatten(1, 2), y).predict(q)
-            self.accs[s].append((pred == yq).float().mean(1).cpu())
-
-    def result(self) -> dict:
-        "Per-episode accuracy of each shot count."
-        if self.held: self._score()
-        return {s: torch.cat(a).numpy() if a else np.zeros(0) for s, a in self.accs.items()}
-
-
-def episodic_accuracy(model,                     # a backbone, or a model with a `backbone`
-                      dl,                        # an `EpisodeDL`: fixed episodes, class-major, supports first
-                      shots=(1, 5),              # shot counts to score; each uses the first supports of a class
-                      probe='logistic',          # a probe name for `get_probe`, or a probe
-                      chunk: int = 256,          # images a forward pass
-                      group: int = 2 ** 15,      # feature rows kept before the probe runs on their episodes
-                      progress: bool = False):   # show a progress bar
-    "Per-episode query accuracy per shot count, from one pass of feature extraction."
-    dl = shard_episodes(dl)   # under torch.distributed each process scores its share; all get every episode's accuracy
-    scorer = EpisodeScorer(dl.ways, dl.per_class, dl.queries, shots, probe, group)
-    for x, _ in with_bar(dl, progress): scorer.add(extract_features(model, x, chunk))
-    return gather_episodes(scorer.result(), dl)
+def get_scorer(model,                     # a backbone, a model with a `backbone`, or a meta-learner's model
+               shots=(1, 5),              # shot counts to score
+               probe='logistic',          # 'logistic' (= 'l2'), 'sklearn', 'proto' or a probe; 'native': the model's own head
+               chunk: int = 256,          # images a forward pass
+               group: int = 2 ** 15,      # feature rows held before a probe runs on their episodes
+               finetune_steps: int = 0,   # fine-tune a copy of the backbone on each episode's supports first (P>M>F)
+               finetune_lr: float = 1e-3  # the learning rate of that fine-tuning
+               ) -> Scorer:
+    "The `Scorer` of a test method: a probe, fine-tuning then a probe, or the model's own head."
+    if isinstance(probe, str) and probe.lower() == 'native':
+        if finetune_steps: raise ValueError("the native test scores a meta-learner's own head, not a fine-tuned backbone: "
+                                            "leave finetune_steps at 0, or use a probe (l2, sklearn, proto)")
+        return NativeScorer(model, shots, chunk)
+    if finetune_steps: return FinetuneScorer(model, shots, probe, finetune_steps, finetune_lr, chunk)
+    return ProbeScorer(model, shots, probe, chunk, group)
 
 
 def _episodes_source(data, split):
@@ -163,15 +86,6 @@ def _same_device(a, b) -> bool:
     return a.type == b.type and (a.index or 0) == (b.index or 0)
 
 
-# defined before the function it calls, so that the module's name `evaluate` stays that function
-@patch
-def evaluate(self: Learner,
-             source=None,  # where the episodes come from; None: the learner's DataLoaders
-             **kwargs):    # the options of `evaluate`: split, shots, probe, episodes ...
-    "The episodic test of this learner's backbone (see `evaluate`); its DataLoaders' test episodes by default."
-    return evaluate(self, source, **kwargs)
-
-
 def evaluate(learn_or_model,                 # a `Learner`, a model with a `backbone`, or a backbone
              source=None,                    # an `EpisodeDL`, `mtl_dls`'s DataLoaders, `FewShotSplits` or a benchmark name
              split: str = 'test',            # 'test' for the final test, 'val' for validation classes
@@ -179,14 +93,14 @@ def evaluate(learn_or_model,                 # a `Learner`, a model with a `back
              shots=(1, 5),                   # shot counts, all scored on the same episodes and query images
              queries: int | None = None,     # query images per class; None: the loader's, else 15
              episodes: int | None = None,    # episodes; None: the loader's, else 2000
-             probe='logistic',               # 'logistic' (= 'l2'), 'sklearn', 'proto', or a probe
+             probe='logistic',               # 'logistic' (= 'l2'), 'sklearn', 'proto', a probe; 'native': a meta-learner's own head
              seed: int | None = None,        # fixes the episodes; None: the loader's, else 0
              chunk: int = 256,               # images loaded and passed forward at once: bounds memory
              group: int = 2 ** 15,           # feature rows kept before the probe runs on their episodes: bounds memory
              progress: bool = True,          # show a progress bar
              finetune_steps: int = 0,        # fine-tune a copy of the backbone on each episode's supports first (P>M>F)
              finetune_lr: float = 1e-3):     # the learning rate of that fine-tuning
-    "The episodic test of a backbone: mean ± 95% CI per shot count."
+    "The episodic test of a model: mean ± 95% CI per shot count."
     learn = learn_or_model if isinstance(learn_or_model, Learner) else None
     model = learn.model if learn is not None else learn_or_model
     if source is None:
@@ -194,11 +108,18 @@ def evaluate(learn_or_model,                 # a `Learner`, a model with a `back
                                            "or a benchmark name")
         source = learn.dls
     counts = shot_counts(shots)
+    scorer = get_scorer(model, counts, probe, chunk, group, finetune_steps, finetune_lr)   # fails before any episode is drawn
     dl = episode_loader(source, split, counts[-1], model_device(model), chunk, ways=ways, queries=queries, n=episodes,
                         seed=seed)
-    if finetune_steps:
-        from .adapt import finetuned_accuracy   # it builds on this module's scorer
-        accs = finetuned_accuracy(model, dl, counts, probe, finetune_steps, finetune_lr, chunk, progress=progress)
-    else: accs = episodic_accuracy(model, dl, counts, probe=probe, chunk=chunk, group=group, progress=progress)
-    results = EvalResults.of(accs, dl)
+    results = EvalResults.of(score_episodes(scorer, dl, progress), dl)
     return results if not isinstance(shots, int) else results[shots]
+
+
+def _learner_evaluate(self: Learner,
+                      source=None,  # where the episodes come from; None: the learner's DataLoaders
+                      **kwargs):    # the options of `evaluate`: split, shots, probe, episodes ...
+    "The episodic test of this learner's model (see `evaluate`); its DataLoaders' test episodes by default."
+    return evaluate(self, source, **kwargs)
+
+
+patch_to(Learner, nm='evaluate')(_learner_evaluate)   # `Learner.evaluate`

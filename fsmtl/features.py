@@ -8,7 +8,7 @@ from torch import nn
 
 from .distributed import unwrap
 
-__all__ = ['feature_model', 'model_device', 'extract_features']
+__all__ = ['feature_model', 'model_device', 'pooled_features', 'extract_features']
 
 
 def feature_model(model: nn.Module  # a backbone, or a model with a `backbone`
@@ -24,7 +24,9 @@ def model_device(model: nn.Module  # any module
     return next(model.parameters(), torch.empty(0)).device
 
 
-def _forward(m: nn.Module, x):
+def pooled_features(m: nn.Module,      # a backbone: a timm model, with or without its classifier, or any module
+                    x: torch.Tensor):  # normalised images (N, C, H, W)
+    "The features of `x` before any classifier, in `m`'s mode and with autograd."
     # a timm model that still has its classifier gives its pooled features through forward_head(pre_logits=True)
     if getattr(m, 'num_classes', 0) and hasattr(m, 'forward_head'):
         return m.forward_head(m.forward_features(x), pre_logits=True)
@@ -44,7 +46,7 @@ def extract_features(model: nn.Module,         # a backbone, or a model with a `
         with torch.no_grad():
             # equal passes of at most `chunk` images: 275 images go as 138 + 137, not 256 + 19
             parts = x.as_subclass(torch.Tensor).tensor_split(max(1, math.ceil(len(x) / chunk)))
-            out = torch.cat([_forward(m, c).flatten(1).float() for c in parts])
+            out = torch.cat([pooled_features(m, c).flatten(1).float() for c in parts])
     finally:
         m.train(training)
     return F.normalize(out, dim=-1) if normalize else out

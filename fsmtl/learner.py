@@ -21,11 +21,13 @@ from fastcore.meta import delegates
 
 from .callbacks import AMP, DDPEarlyStopping, DDPReduceLROnPlateau, EpisodicEval, StopOnNaN, TaskAccuracy
 from .data.core import FewShotSplits, Split
-from .data.tasks import local_labels
-from .distributed import MTLDistributedTrainer, rank, world
+from .data.tasks import by_class, local_labels
+from .ddp import MTLDistributedTrainer
+from .distributed import rank, world
 from .models import create_backbone
 from .pretrained import FrozenEpochs, follow_input, input_config, mtl_splitter
-from .runlog import EpochTable, interactive
+from .progress import interactive
+from .runlog import EpochTable
 
 __all__ = ['MTLModel', 'MultiTaskLoss', 'BaseClassLoss', 'OPTIMIZERS', 'TORCH_OPTIMIZER', 'get_opt', 'MTLLearner', 'InputOnly', 'mtl_learner', 'plateau_cbs', 'step_sched']
 
@@ -74,7 +76,7 @@ class MultiTaskLoss(nn.Module):
         y = y.as_subclass(torch.Tensor).long()
         n = self.ways * self.per_class
         if len(y) % n: raise ValueError(f"a batch of {len(y)} images is not whole tasks of {self.ways} x {self.per_class}")
-        classes = y.view(-1, self.ways, self.per_class)[:, :, 0]                     # (T, ways), in the task's order
+        classes = by_class(y, self.ways, self.per_class)[:, :, 0]                 # (T, ways), in the task's order
         per_task = logits.as_subclass(torch.Tensor).view(len(classes), n, -1)       # (T, ways*per_class, n_base)
         own = per_task.gather(2, classes[:, None, :].expand(-1, n, -1)).flatten(0, 1)
         return own, local_labels(y, self.ways, self.per_class).long()

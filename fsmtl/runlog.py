@@ -4,35 +4,22 @@ import json
 import math
 import netrc
 import os
-import sys
 
 from fastai.callback.core import Callback
 from fastai.callback.progress import CSVLogger, ProgressCallback
+from fastai.callback.tracker import EarlyStoppingCallback
 from fastcore.basics import noop
-from fastprogress.fastprogress import IN_NOTEBOOK, progress_bar
 
-from .checkpoint import Checkpoints
 from .files import write_atomic
 
-__all__ = ['interactive', 'with_bar', 'quiet', 'RunCSVLogger', 'EpochTable', 'tensorboard_cb', 'wandb_cb', 'wandb_mode', 'write_json']
-
-
-def interactive() -> bool:
-    "Whether output goes to a notebook or a terminal, where bars redraw in place."
-    return IN_NOTEBOOK or sys.stdout.isatty()
-
-
-def with_bar(items,     # what to iterate over: a DataLoader of episodes, say
-             progress):  # show the bar (where output redraws in place)
-    "`items`, with a progress bar when asked and the output is a terminal or a notebook."
-    # a bar redrawn into a file or a piped log is noise
-    return progress_bar(items, leave=False) if progress and interactive() else items
+__all__ = ['quiet', 'RunCSVLogger', 'EpochTable', 'tensorboard_cb', 'wandb_cb', 'wandb_mode', 'write_json']
 
 
 class RunCSVLogger(CSVLogger):
     "fastai's `CSVLogger`, writing an epoch's row only once its checkpoint is saved."
     # a resumed run keeps its first `keep` rows
-    order = Checkpoints.order + 1   # after the checkpoint: the history never holds an epoch the checkpoints lack
+    # after `Checkpoints` (EarlyStoppingCallback.order + 1): the history never holds an epoch the checkpoints lack
+    order = EarlyStoppingCallback.order + 2
 
     def __init__(self,
                  fname='history.csv',  # the CSV file

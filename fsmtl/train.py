@@ -14,21 +14,22 @@ import pandas as pd
 import torch
 from fastai.torch_core import default_device, set_seed
 
-from .algorithms import META_ALGORITHMS, SOFTMAX_ALGORITHMS, check_meta, meta_learner, meta_model, native_evaluate
+from .algorithms import SOFTMAX_ALGORITHMS, check_meta, meta_learner, meta_model
 from .checkpoint import Checkpoints, backbone_from_checkpoint, load_weights, own_rng_state, read_checkpoint
 from .data.block import FINAL_SHOTS, mtl_dls
 from .data.benchmarks import get_benchmark
 from .data.tasks import shot_counts
 from .distributed import broadcast_object, init_distributed, is_main, local_batch, rank, rank_seed, world
-from .evaluate import EvalResults, evaluate
+from .evaluate import evaluate
 from .learner import get_opt
 from .files import RunLock
 from .pretrained import FrozenEpochs
 from .probe import get_probe
 from .runlog import RunCSVLogger, quiet, tensorboard_cb, wandb_cb, write_json
 from .runs import check_unused, resume_hint, resume_source, resumed_config, run_folder
+from .scoring import EvalResults
 
-__all__ = ['OPTIONS', 'ALGORITHMS', 'SCHEDULERS', 'RECIPES', 'recipe_command', 'TrainResult', 'train', 'evaluate_checkpoint']
+__all__ = ['OPTIONS', 'SCHEDULERS', 'RECIPES', 'recipe_command', 'TrainResult', 'train', 'evaluate_checkpoint']
 
 # Every option of `train` and of `fsmtl train`, under the original code's names: name -> (default, help).
 OPTIONS = {
@@ -87,7 +88,6 @@ OPTIONS = {
     'svm_max_iters': (15, 'metaoptnet: iterations of the SVM\'s QP solver'),
     'ridge_lambda': (50., 'r2d2: L2 weight of the ridge regression head'),
 }
-ALGORITHMS = (*SOFTMAX_ALGORITHMS, *META_ALGORITHMS)
 META_OPTIONS = ('adaptation_steps', 'adaptation_lr', 'first_order', 'svm_C', 'svm_max_iters', 'ridge_lambda')
 SCHEDULERS = ('plateau', 'step', 'one_cycle')
 
@@ -221,14 +221,18 @@ def _json_config(cfg: dict) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()}
 
 
-def _dls(cfg, device):
+def _load_size(cfg):
+    "The side the benchmark's images are loaded at, in training and in its test: `size`, or None for their own."
     # a pretrained model's size is served by resizing batches on the device (mtl_learner); folders of mixed sizes load at `size`
-    size = None if cfg['pretrained'] and cfg['dataset'] != 'folder' else cfg['size']
+    return None if cfg['pretrained'] and cfg['dataset'] != 'folder' else cfg['size']
+
+
+def _dls(cfg, device):
     return mtl_dls(cfg['dataset'], root=cfg['root'], train_ways=cfg['train_ways'], train_shots=cfg['train_shots'],
                    train_queries=cfg['train_queries'], meta_batch_size=cfg['meta_batch_size'],
                    epoch_length=cfg['epoch_length'], test_ways=cfg['test_ways'], test_shots=cfg['test_shots'],
                    test_queries=cfg['test_queries'], val_episodes=cfg['val_epoch_length'],
-                   test_episodes=cfg['final_test_epoch_length'], size=size, seed=cfg['seed'],
+                   test_episodes=cfg['final_test_epoch_length'], size=_load_size(cfg), seed=cfg['seed'],
                    num_workers=cfg['num_workers'], device=device)
 
 
@@ -244,8 +248,8 @@ def _final_test(model, source, cfg, progress) -> EvalResults:
     shots = tuple(shot_counts([*FINAL_SHOTS, cfg['test_shots']]))
     episodes = dict(ways=cfg['test_ways'], queries=cfg['test_queries'], episodes=cfg['final_test_epoch_length'],
                     seed=cfg['seed'], progress=progress)
-    if cfg['test_method'] == 'native': return native_evaluate(model, source, 'test', shots=shots, **episodes)
-    return evaluate(model, source, 'test', shots=shots, probe=get_probe(cfg['test_method'], cfg['test_l2']), **episodes)
+    probe = 'native' if cfg['test_method'] == 'native' else get_probe(cfg['test_method'], cfg['test_l2'])
+    return evaluate(model, source, 'test', shots=shots, probe=probe, **episodes)
 
 
 def _configure(given: dict):
@@ -386,8 +390,8 @@ def evaluate_checkpoint(load_path,  # a checkpoint file (best.pth, last.pth) or 
     backbone = backbone_from_checkpoint(st, p / 'best.pth' if p.is_dir() else p)
     init_distributed()   # under torchrun, each process tests its share of the episodes
     splits = get_benchmark(cfg['dataset'], root=cfg['root'])
-    if cfg['size'] is not None and not cfg['pretrained']:
-        for s in ('train', 'val', 'test'): splits[s].size = cfg['size']
+    if (size := _load_size(cfg)) is not None:   # as training loaded them
+        for s in ('train', 'val', 'test'): splits[s].size = size
     # a pretrained backbone's input (its size, mean and std), as its checkpoint records it
     if cfg['pretrained']:
         splits = dataclasses.replace(splits, mean=tuple(st['mean']), std=tuple(st['std']), input_size=st['size'],

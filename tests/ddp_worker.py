@@ -9,6 +9,7 @@ import torch
 from fastai.callback.core import Callback
 from fastai.torch_core import set_seed
 
+from fsmtl.algorithms import meta_model
 from fsmtl.data.block import mtl_dls
 from fsmtl.data.glyphs import SMALL_IMAGES, glyphs
 from fsmtl.distributed import init_distributed, rank, rank_seed
@@ -24,6 +25,9 @@ STEP = dict(train_ways=5, train_shots=2, train_queries=2, meta_batch_size=4, epo
 EVAL = dict(split='val', ways=5, shots=(1, 5), queries=5, episodes=11, seed=3)
 # test-time fine-tuning, sharded too: one episode per batch (chunk), so the two ranks take 3 and 2 of the 5
 TUNED = dict(EVAL, episodes=5, finetune_steps=2, finetune_lr=0.05, chunk=50)
+# a meta-learner's own head, sharded too: two episodes a batch (chunk), so the two ranks take 6 and 5 of the 11
+NATIVE = dict(EVAL, probe='native', chunk=100)
+NATIVE_ALGORITHMS = ('protonet', 'maml')
 LR = 0.1
 
 
@@ -46,6 +50,13 @@ def parts(out, root):
     tuned = {s: r.accs for s, r in evaluate(backbone, splits, progress=False, **TUNED).items()}
     tuned['copies'] = len(copies)
     fsmtl.adapt.finetune_copy = copy
+    native = {}
+    for algorithm in NATIVE_ALGORITHMS:
+        model, episodes = native_model(algorithm, backbone), []
+        predict = model.predict_episodes
+        model.predict_episodes = lambda x, *a, **k: (episodes.append(len(x) // (5 * 10)), predict(x, *a, **k))[1]
+        native[algorithm] = {s: r.accs for s, r in evaluate(model, splits, progress=False, **NATIVE).items()}
+        native[algorithm]['episodes'] = sum(episodes)
     dls = mtl_dls(splits, augment=False, device='cpu', **STEP)
     set_seed(0)
     # the original code's random head: from a zero head the first step leaves the backbone as it is
@@ -54,11 +65,17 @@ def parts(out, root):
     init = {k: v.clone() for k, v in learn.model.state_dict().items()}
     set_seed(rank_seed(0, rank()))   # each process draws its own tasks, as `train` does
     with learn.distrib_ctx(sync_bn=False): learn.fit(1)
-    seen = dict(accs=accs, tuned=tuned, init=init, batches=learn.batches.seen, final={k: v.clone() for k, v in learn.model.state_dict().items()},
+    seen = dict(accs=accs, tuned=tuned, native=native, init=init, batches=learn.batches.seen, final={k: v.clone() for k, v in learn.model.state_dict().items()},
                 history=learn.recorder.history().to_dict('list'))
     # an epoch with the backbone frozen (no gradients for DDP to wait for), then one with all of it
     with learn.distrib_ctx(sync_bn=False): learn.fit(2, cbs=[FrozenEpochs(1)])
     torch.save(dict(seen, thawed=learn.model.state_dict()), f'{out}/rank{rank()}.pt')
+
+
+def native_model(algorithm, backbone):
+    "The model of `algorithm` around `backbone`, its own weights seeded alike on every process."
+    torch.manual_seed(1)
+    return meta_model(algorithm, backbone, CHANNELS[-1], 5, 2, 3, adaptation_lr=0.1, first_order=True)
 
 
 def fail(out, root):

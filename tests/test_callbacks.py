@@ -80,8 +80,8 @@ def test_plateau_and_early_stopping_monitor_it_by_name(learner, monkeypatch, cap
 @pytest.mark.slow
 def test_every_and_lr_find(learner, monkeypatch):
     calls = []
-    add = C.EpisodeScorer.add
-    monkeypatch.setattr(C.EpisodeScorer, 'add', lambda self, f: (calls.append(len(f)), add(self, f)))
+    add = C.ProbeScorer.add
+    monkeypatch.setattr(C.ProbeScorer, 'add', lambda self, f: (calls.append(len(f)), add(self, f)))
     learn = learner(every=2)
     learn.lr_find(num_it=4, show_plot=False)
     assert calls == []

@@ -16,7 +16,7 @@ from fsmtl.classifier import FewShotClassifier
 from fsmtl.cli import main
 from fsmtl.data import benchmarks
 from fsmtl.data.benchmarks import get_benchmark
-from fsmtl.data.core import _decode
+from fsmtl.data.images import decode_image
 from fsmtl.data.download import DataUnavailable, Resource
 from fsmtl.data.images import class_images
 from fsmtl.train import train
@@ -81,7 +81,7 @@ def test_folder_truncated_jpeg(tmp_path):
     bad = root / 'c3' / 'im4.jpg'
     truncate(bad)
     with Image.open(bad) as im: im.verify()   # the header check that let it through before
-    with pytest.raises(ValueError, match='truncated'): _decode(bad, 84)   # what a loader worker then met mid-epoch
+    with pytest.raises(ValueError, match='truncated'): decode_image(bad, 84)   # what a loader worker then met mid-epoch
     code, out, err = fsmtl('data', '--dataset', 'folder', '--root', root, '--no-download')
     assert code == 2 and out == ''
     assert str(bad) in err and 'truncated' in err and 'remove or replace' in err and '1 image(s)' in err
@@ -206,12 +206,12 @@ def test_a_16_bit_png_decodes_to_its_shades(tmp_path):
     from torchvision.io import decode_png
     from torchvision.transforms.v2.functional import to_dtype
     raw = grey16(tmp_path / 'g.png', np.arange(256, dtype=np.uint8).reshape(16, 16))
-    got = _decode(tmp_path / 'g.png', None)
+    got = decode_image(tmp_path / 'g.png', None)
     assert got.dtype == np.uint8 and got.shape == (16, 16, 3)
     np.testing.assert_array_equal(got, np.repeat((raw >> 8).astype(np.uint8)[..., None], 3, -1))   # numpy on the raw values
     ref = to_dtype(decode_png(torch.from_numpy(np.fromfile(tmp_path / 'g.png', np.uint8))), torch.uint8, scale=True)
     np.testing.assert_array_equal(got[..., 0], ref[0].numpy())   # torchvision's decoding
-    assert _decode(tmp_path / 'g.png', 8).std() > 30             # shades, not a blank image
+    assert decode_image(tmp_path / 'g.png', 8).std() > 30             # shades, not a blank image
 
 
 def test_predict_reads_a_16_bit_png_as_its_8_bit_twin(predict_files, tmp_path):

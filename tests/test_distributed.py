@@ -77,6 +77,19 @@ def test_episodic_accuracy_of_two_processes_is_one_process_s_episode_by_episode(
     assert [p['tuned']['copies'] for p in parts] == [3 * 2, 2 * 2]   # episodes x shot counts, on each rank
 
 
+@pytest.mark.parametrize('algorithm', W.NATIVE_ALGORITHMS)
+def test_native_test_of_two_processes_is_one_process_s_episode_by_episode(parts, glyph_splits, algorithm):
+    torch.manual_seed(0)
+    backbone, _ = create_backbone('resnet12', channels=W.CHANNELS)
+    one = evaluate(W.native_model(algorithm, backbone), glyph_splits, progress=False, **W.NATIVE)
+    assert [p['native'][algorithm]['episodes'] for p in parts] == [6, 5]   # each rank its share of the 11 episodes
+    for p in parts:
+        for s, r in one.items():
+            assert len(p['native'][algorithm][s]) == W.NATIVE['episodes']
+            np.testing.assert_array_equal(p['native'][algorithm][s], r.accs)   # exactly, episode by episode, on both ranks
+    assert 0 < one[5].mean < 1
+
+
 def test_one_step_on_two_processes_is_one_process_step_on_all_the_tasks(parts, glyph_splits):
     (x0, y0), = parts[0]['batches']
     (x1, y1), = parts[1]['batches']

@@ -11,9 +11,10 @@ from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 from torch import nn
 
-import fsmtl.evaluate as E
+import fsmtl.scoring as S
 from fsmtl.data.block import episode_dl, mtl_dls
-from fsmtl.evaluate import EvalResult, EvalResults, ci95, episodic_accuracy, evaluate
+from fsmtl.evaluate import evaluate
+from fsmtl.scoring import EvalResult, EvalResults, ProbeScorer, ci95, score_episodes
 from fsmtl.probe import LogisticProbe
 from helpers import coded_splits
 
@@ -210,10 +211,10 @@ GROUP = 300
 
 def run_recorded(monkeypatch, model, sp, **kwargs):
     "evaluate() with a forward hook on the backbone and the probes recorded; features grouped by GROUP rows."
-    rec = ProbeRows(E.get_probe)
+    rec = ProbeRows(S.get_probe)
     model.backbone.calls.clear()
     with monkeypatch.context() as m:
-        m.setattr(E, 'get_probe', rec)
+        m.setattr(S, 'get_probe', rec)
         r = evaluate(model, sp, progress=False, group=GROUP, **kwargs)
     return r, model.backbone.calls[:], rec.rows
 
@@ -246,9 +247,9 @@ def test_memory_does_not_grow_with_episodes_or_queries(monkeypatch, sp, chunk):
 def test_grouping_does_not_change_the_accuracies(sp):
     model = CodeNet(tables(sp)['noisy'])
     dl = episode_dl(sp, 'test', 5, 5, 15, n=13, bs=3, seed=1, device='cpu')
-    whole = episodic_accuracy(model, dl, (1, 5), chunk=512, group=2 ** 15)
+    whole = score_episodes(ProbeScorer(model, (1, 5), chunk=512, group=2 ** 15), dl)
     for group in (1, 250, 700):
-        parts = episodic_accuracy(model, dl, (1, 5), chunk=512, group=group)
+        parts = score_episodes(ProbeScorer(model, (1, 5), chunk=512, group=group), dl)
         for s in (1, 5): np.testing.assert_allclose(parts[s], whole[s], atol=1e-6)
     assert len(model.calls) == 4 * 5 and whole[1].shape == (13,)   # 5 batches (3+3+3+3+1 episodes) a run
     assert [c['n'] for c in model.calls[:5]] == [300, 300, 300, 300, 100]
@@ -296,7 +297,7 @@ def test_bad_sizes(sp, kw, msg):
 def test_more_shots_than_the_episodes_hold(sp):
     dl = episode_dl(sp, 'test', 5, 5, 15, n=2, seed=0, device='cpu')
     with pytest.raises(ValueError, match='5 support images a class, fewer than 6 shots'):
-        episodic_accuracy(CodeNet(tables(sp)['noisy']), dl, shots=(1, 6))
+        score_episodes(ProbeScorer(CodeNet(tables(sp)['noisy']), shots=(1, 6)), dl)
 
 
 def test_no_source():

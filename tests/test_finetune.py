@@ -203,6 +203,18 @@ def test_train_with_pretrained_weights_and_frozen_epochs(weights, glyph_root, tm
     assert FewShotClassifier.load(tmp_path / 'clf.pth')._input() == clf._input()
 
 
+def test_a_pretrained_run_on_a_folder_is_tested_at_the_size_it_trained_at(weights, tmp_path):
+    # a folder loads at 84 px unless told: trained at --size 36, its test must load the folder at 36 px too
+    folder = shapes_folder(tmp_path / 'shapes')
+    res = train(dataset='folder', root=str(folder), log_dir=str(tmp_path / 'runs'), run_name='r', model='resnet10t',
+                model_kwargs=ARCH, pretrained=str(weights), size=36, max_epochs=1, scheduler='one_cycle', epoch_length=2,
+                meta_batch_size=2, train_ways=3, test_ways=3, val_epoch_length=2, final_test_epoch_length=12, test_queries=5,
+                gpu=-1, progress=False, seed=TEST_SEED)
+    assert res.learner.dls.splits.test.image_size() == 36
+    again = evaluate_checkpoint(res.run_dir, root=str(folder), progress=False)
+    for s in (1, 5): np.testing.assert_array_equal(again[s].accs, res.test[s].accs)
+
+
 @pytest.mark.statistical
 @pytest.mark.slow
 def test_fine_tune_from_pretrained_beats_from_scratch(tmp_path):

@@ -14,7 +14,8 @@ import fsmtl.train as T
 from fsmtl.checkpoint import read_checkpoint
 from fsmtl.classifier import FewShotClassifier
 from fsmtl.cli import main
-from fsmtl.evaluate import EvalResult, evaluate
+from fsmtl.evaluate import evaluate
+from fsmtl.scoring import EvalResult
 from fsmtl.train import OPTIONS, train
 from helpers import TEST_SEED, assert_gain
 

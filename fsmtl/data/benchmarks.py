@@ -14,7 +14,7 @@ from fastai.vision.core import imagenet_stats
 from ..models.resnet12 import MINI_IMAGENET_MEAN, MINI_IMAGENET_STD
 from .core import SPLITS, FewShotSplits, Split
 from .download import DataError, DataUnavailable, Resource, fetch, safe_load_pickle
-from .images import check_images, class_images
+from .images import check_images, class_dirs, class_images
 from .splits import CIFARFS, FC100, MINI_IMAGENET, TIERED_IMAGENET_CLASSES
 
 __all__ = ['get_benchmark', 'folder_benchmark', 'same_classes', 'BENCHMARKS', 'CIFAR100', 'MINI_IMAGENET_FILES', 'TIERED_IMAGENET_FILES']
@@ -212,9 +212,6 @@ def _tiered_imagenet(root, download):
     return FewShotSplits('tiered-imagenet', *splits, **_MINI_STATS, meta={'source': str(paths[0].parent)})
 
 
-def _class_dirs(path): return sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith('.'))
-
-
 def _split_classes(dirs, ratios, seed):
     "The class folders `dirs` drawn into train/val/test by `ratios`, reproducibly for `seed`."
     if len(ratios) != 3 or min(ratios) < 0 or sum(ratios) <= 0:
@@ -240,13 +237,13 @@ def folder_benchmark(
     if not path.is_dir():
         raise FileNotFoundError(f"No folder {path}: give a folder with one folder of images per class, "
                                 "or with train/, val/ and test/ folders that each hold class folders")
-    dirs = _class_dirs(path)
+    dirs = class_dirs(path)
     named = {('val' if d.name == 'valid' else d.name): d for d in dirs if d.name in ('train', 'val', 'valid', 'test')}
     if named:
         if missing := [s for s in SPLITS if s not in named]:
             raise ValueError(f"{path} has {', '.join(sorted(named))} but no {', '.join(missing)} folder: give all of "
                              "train/, val/ and test/, or put the class folders directly in it")
-        per_split = [_class_dirs(named[s]) for s in SPLITS]
+        per_split = [class_dirs(named[s]) for s in SPLITS]
         if empty := [s for s, ds in zip(SPLITS, per_split) if not ds]:
             raise ValueError(f"{path}: the {', '.join(empty)} folder(s) hold no class folders")
     else:

@@ -1,29 +1,15 @@
 "Few-shot splits: per split, the images, their integer labels and the class names."
 from __future__ import annotations
-import io
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .images import rgb
+from .images import decode_image
 
 __all__ = ['Split', 'FewShotSplits', 'SPLITS']
 
 SPLITS = ('train', 'val', 'test')
-
-
-def _decode(item, size):
-    "One image as uint8 HxWx3 from PNG/JPEG bytes, a path or a PIL image, resized to `size` if given."
-    try:
-        im = item if isinstance(item, Image.Image) else \
-            Image.open(io.BytesIO(item) if isinstance(item, (bytes, np.ndarray)) else item)
-        im = rgb(im)
-    except Exception as e:
-        raise ValueError(f"Cannot read image {item if isinstance(item, (str, Path)) else '(encoded bytes)'}: {e}") from e
-    if size is not None and im.size != (size, size): im = im.resize((size, size), Image.BILINEAR)
-    return np.asarray(im)
 
 
 @dataclass
@@ -63,7 +49,7 @@ class Split:
             ims = self.items[idxs]
             if self.size is None or ims.shape[1:3] == (self.size, self.size): return ims
             return np.stack([np.asarray(Image.fromarray(im).resize((self.size, self.size), Image.BILINEAR)) for im in ims])
-        ims = [_decode(self.items[i], self.size) for i in idxs]
+        ims = [decode_image(self.items[i], self.size) for i in idxs]
         if len({im.shape for im in ims}) > 1:
             raise ValueError("Images of different sizes in one batch: pass `size` to resize them to one square side")
         return np.stack(ims) if ims else np.zeros((0, self.size or 0, self.size or 0, 3), np.uint8)

@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from scipy.ndimage import distance_transform_edt
-from tqdm.auto import tqdm
 
 from ..files import write_atomic
-from ..runlog import interactive
+from ..progress import with_bar
 from .core import SPLITS, FewShotSplits, Split
 
 __all__ = ['glyphs', 'SMALL_IMAGES']
@@ -158,12 +157,10 @@ def _render(seed, n_images, size, progress, chunk=2048):
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     res, meta = {}, {'scripts': {}, 'unicode_names': {}, 'fonts': {}, 'fonts_per_class': {},
                      'matplotlib': matplotlib.__version__}
-    # fastprogress 1.1 writes to stdout even with display=False; tqdm stays quiet when disabled.
-    bar = tqdm(total=len(letters), desc='rendering glyphs', disable=not (progress and interactive()), leave=False)
     for split in SPLITS:
         chars = [ch for ch in letters if _script(ch) in SCRIPTS[split]]
         designs, which, labels = [], [], []
-        for label, ch in enumerate(chars):
+        for label, ch in with_bar(list(enumerate(chars)), progress):   # a bar a split
             names = letters[ch]
             # Cycle through the fonts from a random start, so that every font of the letter is drawn.
             start, first = rng.integers(len(names)), len(designs)
@@ -174,12 +171,10 @@ def _render(seed, n_images, size, progress, chunk=2048):
             meta['unicode_names'][ch] = unicodedata.name(ch)
             meta['fonts'][ch] = names
             meta['fonts_per_class'][ch] = len(names)
-            bar.update()
         designs, which = torch.from_numpy(np.stack(designs))[:, None], np.concatenate(which)
         ims = [_distort(designs[which[i:i+chunk]], gen, size) for i in range(0, len(which), chunk)]
         meta['scripts'][split] = [s for s in SCRIPTS[split] if any(_script(ch) == s for ch in chars)]
         res[f'x_{split}'], res[f'y_{split}'], res[f'c_{split}'] = np.concatenate(ims), np.concatenate(labels), np.array(chars)
-    bar.close()
     x = res['x_train']/255
     res['mean'], res['std'] = np.full(3, x.mean()), np.full(3, x.std())
     res['meta'] = np.array(json.dumps(meta, ensure_ascii=False))

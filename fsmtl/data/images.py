@@ -1,13 +1,15 @@
 "Image files of a folder, each once, and a check that each one decodes."
 from __future__ import annotations
+import io
 import os
+from pathlib import Path
 
 import numpy as np
 from fastai.data.transforms import get_files, image_extensions
 from fastcore.parallel import parallel
 from PIL import Image
 
-__all__ = ['rgb', 'image_files', 'class_images', 'unreadable_images', 'check_images']
+__all__ = ['rgb', 'decode_image', 'image_files', 'class_dirs', 'class_images', 'unreadable_images', 'check_images']
 
 
 def rgb(im  # a PIL image of any mode
@@ -23,12 +25,31 @@ def rgb(im  # a PIL image of any mode
     return im.convert('RGB')
 
 
+def decode_image(item,              # PNG or JPEG bytes (or a uint8 array of them), a path, or a PIL image
+                 size: int | None):  # side of the square image returned; None keeps the image's own size
+    "One image as uint8 HxWx3 RGB, resized to `size` if given."
+    try:
+        im = item if isinstance(item, Image.Image) else \
+            Image.open(io.BytesIO(item) if isinstance(item, (bytes, np.ndarray)) else item)
+        im = rgb(im)
+    except Exception as e:
+        raise ValueError(f"Cannot read image {item if isinstance(item, (str, Path)) else '(encoded bytes)'}: {e}") from e
+    if size is not None and im.size != (size, size): im = im.resize((size, size), Image.BILINEAR)
+    return np.asarray(im)
+
+
 def _identity(path):
     "What makes two paths the same file; a dangling link is only itself."
     # a link and its target, or two hard links, share the device and the inode
     try: st = os.stat(path)
     except OSError: return path
     return st.st_dev, st.st_ino
+
+
+def class_dirs(path  # a folder
+               ) -> list:
+    "The folders in `path`, sorted, hidden ones left out: the class folders of a folder benchmark."
+    return sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith('.'))
 
 
 def image_files(

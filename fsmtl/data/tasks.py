@@ -14,7 +14,8 @@ from fastcore.meta import delegates
 
 from .core import Split
 
-__all__ = ['TaskDL', 'EpisodeDL', 'check_task_size', 'shot_counts', 'local_labels', 'seeded_random']
+__all__ = ['TaskDL', 'EpisodeDL', 'check_task_size', 'shot_counts', 'by_class', 'position_labels', 'support_query',
+           'local_labels', 'seeded_random']
 
 
 @contextmanager
@@ -53,13 +54,38 @@ def shot_counts(shots  # a shot count, or several like (1, 5)
     return counts
 
 
+def by_class(x,               # items of whole tasks or episodes (T*ways*per_class, ...), task-major and class-major
+             ways: int,       # classes in a task
+             per_class: int): # items of a class in a task
+    "`x` as (T, ways, per_class, ...): task, class, position in the class."
+    return x.view(-1, ways, per_class, *x.shape[1:])
+
+
+def position_labels(tasks: int,       # tasks
+                    ways: int,        # classes in a task
+                    per_class: int,   # items per class in a task
+                    device=None):     # where the labels go
+    "Labels 0..ways-1 (tasks, ways*per_class) of class-major tasks."
+    return torch.arange(ways, device=device).repeat_interleave(per_class).expand(tasks, -1)
+
+
+def support_query(x,               # items of whole tasks or episodes (T*ways*per_class, ...), class-major
+                  ways: int,       # classes in a task
+                  per_class: int,  # items of a class in a task
+                  shots: int,      # the first `shots` of each class are the support
+                  queries: int):   # the last `queries` of each class are the query
+    "Each task's support (T, ways*shots, ...) and query (T, ways*queries, ...), by position."
+    z = by_class(x, ways, per_class)
+    return z[:, :, :shots].flatten(1, 2), z[:, :, per_class - queries:].flatten(1, 2)
+
+
 def local_labels(y,                  # global class ids of a batch of tasks, task-major and class-major
                  ways: int,          # classes in a task
                  per_class: int):    # images per class in a task
     "Labels 0..ways-1 within each task, in the order of its classes."
     # a new tensor: `y` is left as it is
+    classes = by_class(y, ways, per_class)[:, :, 0]
     y = y.view(-1, ways * per_class)
-    classes = y.view(-1, ways, per_class)[:, :, 0]
     # comparing against all of a task's classes at once cannot merge two classes, as relabelling in place can
     return (y.unsqueeze(-1) == classes.unsqueeze(1)).int().argmax(-1).flatten()
 
@@ -74,8 +100,8 @@ class _Labels(torch.utils.data.Dataset):
 
 def _sampler(split: Split, ways: int, per_class: int):
     "A learn2learn `Taskset` drawing `ways` classes x `per_class` images, class-major."
-    by_class = {c: np.flatnonzero(split.labels == c).tolist() for c in range(split.n_classes)}
-    meta = l2l.data.MetaDataset(_Labels(split.labels), labels_to_indices=by_class)
+    items = {c: np.flatnonzero(split.labels == c).tolist() for c in range(split.n_classes)}
+    meta = l2l.data.MetaDataset(_Labels(split.labels), labels_to_indices=items)
     return l2l.data.Taskset(meta, task_transforms=[l2l.data.transforms.FusedNWaysKShots(meta, n=ways, k=per_class)])
 
 
@@ -113,8 +139,8 @@ class _SplitDL(TfmdDL):
         "Draw up to `max_n` tasks as rows, `per_class` images of each class, titled with the class names."
         x, y = self.decode(self.one_batch() if b is None else b)
         x = x.clamp(0, 255).to(torch.uint8)  # decoding gives 0..255 as int64
-        y = y.view(-1, self.ways, self.per_class)[:max_n, :, :per_class].flatten()
-        x = x.view(-1, self.ways, self.per_class, *x.shape[1:])[:max_n, :, :per_class].flatten(0, 2)
+        y = by_class(y, self.ways, self.per_class)[:max_n, :, :per_class].flatten()
+        x = by_class(x, self.ways, self.per_class)[:max_n, :, :per_class].flatten(0, 2)
         n_rows, n_cols = len(x) // (self.ways * per_class), self.ways * per_class
         axs = get_grid(n_rows * n_cols, nrows=n_rows, ncols=n_cols, figsize=figsize or (1.6 * n_cols, 1.8 * n_rows))
         for ax, im, c in zip(axs, x, y):
