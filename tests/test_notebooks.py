@@ -13,7 +13,7 @@ NBS = ROOT / 'nbs'
 NAMES = ['00_quickstart', '01_benchmarks', '02_your_images_with_timm', '03_evaluation', '04_training_options',
          '05_mtl_and_meta_learning', '06_other_domains']
 sys.path.insert(0, str(ROOT / 'tools'))
-from notebooks import KEY, code_hash, stale  # noqa: E402
+from notebooks import KEY, code_hash, drop_ignored_warnings, stale  # noqa: E402
 
 # what a committed notebook may weigh: plots and tables (02 shows two grids of noisy pictures, 0.7 MB), no widget state
 MAX_BYTES = 800_000
@@ -69,6 +69,16 @@ def test_stale_outputs_are_reported(tmp_path):
     assert res.returncode == 1 and 'code.ipynb: its code cells changed' in res.stdout
 
 
+def test_ignored_warnings_dropped():
+    "The warnings pytest.ini ignores leave a tutorial's outputs, each with the line under it; other stderr stays."
+    warn = ['/x/torch/jit/_script.py:1491: FutureWarning: `torch.jit.script` is deprecated. Please switch.\n', '  warnings.warn(\n']
+    other = ['/x/mine.py:3: UserWarning: the fallback to the CPU\n', '  warn(msg)\n']
+    nb = dict(cells=[dict(cell_type='code', outputs=[dict(name='stderr', output_type='stream', text=warn + other),
+                                                     dict(name='stderr', output_type='stream', text=warn)])])
+    assert drop_ignored_warnings(nb)['cells'][0]['outputs'] == [dict(name='stderr', output_type='stream', text=other)]
+
+
+@pytest.mark.slow
 def test_run_saves_outputs_and_hash(tmp_path):
     "`tools/notebooks.py run` executes under IN_TEST, skips `#| notest` cells, and saves outputs, cleaned, with the hash."
     cells = [dict(cell_type='markdown', metadata={}, source=['# A title']),

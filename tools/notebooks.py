@@ -5,11 +5,11 @@ Each notebook runs in a fresh process under `IN_TEST=1` (the tests' small settin
 sha256 of its code cells as they were executed (`fsmtl.executed_code`): a code cell changed since makes it stale.
 Usage: python tools/notebooks.py run [NB ...]   |   python tools/notebooks.py check [NB ...]
 """
-import argparse, hashlib, json, os, sys, time
+import argparse, configparser, hashlib, json, os, re, sys, time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT / 'nbs'
 KEY = 'fsmtl'
 
@@ -43,6 +43,28 @@ def _skipped(path):
     return {c.idx_ for c in nb.cells if skip(c)}
 
 
+def ignored_warnings():
+    "(message regex, category name) of each warning that pytest.ini ignores: libraries' deprecation notices."
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / 'pytest.ini')
+    lines = filter(None, map(str.strip, cfg['pytest']['filterwarnings'].splitlines()))
+    return [tuple(l.split(':')[1:3]) for l in lines if l.startswith('ignore:')]
+
+
+def drop_ignored_warnings(nb):   # a notebook with outputs
+    "Remove from `nb`'s stderr outputs each warning that pytest.ini ignores, with the source line printed under it."
+    pats = [re.compile(rf'^.+:\d+: {cat}: {msg}') for msg, cat in ignored_warnings()]
+    for c in nb['cells']:
+        for o in [o for o in c.get('outputs', []) if o.get('name') == 'stderr']:
+            kept, dropping = [], False
+            for line in o['text']:
+                dropping = any(p.match(line) for p in pats) or dropping and line.startswith(' ')
+                if not dropping: kept.append(line)
+            if kept: o['text'] = kept
+            else: c['outputs'].remove(o)
+    return nb
+
+
 def execute(path):
     "Run the notebook at `path` top to bottom as `nbdev_test` does, and save it cleaned with its outputs; seconds taken."
     os.environ['IN_TEST'] = '1'
@@ -59,6 +81,7 @@ def execute(path):
     except Exception: raise RuntimeError(shell.prettytb(fname=path)) from None
     finally: os.chdir(cwd)
     nb.metadata[KEY] = dict(executed_code=code_hash(nb))
+    drop_ignored_warnings(nb)
     cfg = get_config(path=ROOT)
     clean_nb(nb, cfg.clear_all, cfg.allowed_metadata_keys.split(), cfg.allowed_cell_metadata_keys.split(), cfg.clean_ids)
     write_nb(nb, path)
