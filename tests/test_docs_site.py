@@ -8,7 +8,7 @@ import fsmtl.all
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / 'tools'))
-from docs import api_markdown, api_modules, nav, pages  # noqa: E402
+from docs import api_markdown, api_modules, home_markdown, nav, pages  # noqa: E402
 from docs_check import broken, check_site, missing_browser, serve  # noqa: E402
 
 
@@ -31,6 +31,11 @@ def test_every_page_is_in_the_navigation():
     assert all(f'href="{p[0]}"' in bar for p in ps)
 
 
+def test_home_page_links_the_tutorials():
+    md = home_markdown((ROOT / 'README.md').read_text())
+    for p in sorted((ROOT / 'nbs').glob('*.ipynb')): assert f'[`{p.name}`]({p.stem}.html)' in md
+
+
 def _site(folder):
     "A two-page site: a good page, and a page with a broken link, a missing anchor and a missing picture."
     import matplotlib.pyplot as plt
@@ -50,6 +55,7 @@ def test_broken_links_found_over_http(tmp_path):
     finally: httpd.shutdown()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(bool(missing_browser()), reason=f"{missing_browser()}")
 def test_browser_check_catches_broken_links_and_images(tmp_path):
     site = _site(tmp_path)

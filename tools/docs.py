@@ -2,10 +2,10 @@
 reference page a module of `fsmtl.all`, made by nbdev's `show_doc`; pandoc (the `pypandoc-binary` package) renders them.
 Usage: python tools/docs.py [--out _docs]
 """
-import argparse, importlib, inspect, json, shutil, subprocess, sys, time
+import argparse, importlib, inspect, json, re, shutil, subprocess, sys, time
 from pathlib import Path
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT / 'nbs'
 sys.path.insert(0, str(Path(__file__).parent))
 from notebooks import stale  # noqa: E402
@@ -32,6 +32,11 @@ def api_markdown(module,   # a module name of `fsmtl.all.MODULES`, e.g. 'data.co
     mod = importlib.import_module(f'fsmtl.{module}')
     head = f"# fsmtl.{module}\n\n> {inspect.getdoc(mod) or ''}\n\n"
     return head + '\n\n'.join(show_doc(getattr(mod, n))._repr_markdown_() for n in names)
+
+
+def home_markdown(readme):   # the text of README.md
+    "The home page: `readme`, with each tutorial it names (`00_quickstart.ipynb`) linked to its page."
+    return re.sub(r'`(\d\d_\w+)\.ipynb`', r'[`\1.ipynb`](\1.html)', readme)
 
 
 def notebook_title(path):
@@ -64,21 +69,28 @@ def renderable(nb):
     return nb
 
 
+def source(page,   # (file name, title, kind, source) from `pages()`
+           tmp):   # the folder to write it into
+    "The file pandoc reads for `page`, written into `tmp`, and its format."
+    name, _, kind, src = page
+    if kind == 'api': text, fmt = api_markdown(*src), 'gfm'
+    elif kind == 'tutorial': text, fmt = json.dumps(renderable(json.loads(src.read_text()))), 'ipynb'
+    else: text, fmt = home_markdown(src.read_text()), 'gfm'
+    path = tmp / (Path(name).stem + ('.ipynb' if fmt == 'ipynb' else '.md'))
+    path.write_text(text)
+    return path, fmt
+
+
 def render(out,      # the site's folder
            page,     # (file name, title, kind, source) from `pages()`
            nav_file, # the navigation bar's HTML file, put before each page's body
            tmp):     # a folder for the sources pandoc reads
     "Write `page` as HTML into `out`, its pictures in a folder beside it."
-    name, title, kind, src = page
-    stem = Path(name).stem
-    if kind == 'api': src, fmt = tmp / f'{stem}.md', 'gfm'; src.write_text(api_markdown(*page[3]))
-    elif kind == 'tutorial':
-        fmt, nb = 'ipynb', json.loads(src.read_text())
-        src = tmp / src.name; src.write_text(json.dumps(renderable(nb)))
-    else: fmt = 'gfm'
+    src, fmt = source(page, tmp)
     subprocess.run([pandoc(), '-f', fmt, '-t', 'html5', '-s', '--toc', '--toc-depth=3', '--css', 'styles.css',
-                    '--metadata', f'pagetitle={title}', '--include-before-body', str(nav_file), f'--resource-path={ROOT}',
-                    f'--extract-media={stem}_files', '-o', name, str(src)], cwd=out, check=True)
+                    '--metadata', f'pagetitle={page[1]}', '--include-before-body', str(nav_file),
+                    f'--resource-path={ROOT}', f'--extract-media={src.stem}_files', '-o', page[0], str(src)],
+                   cwd=out, check=True)
 
 
 def build(out=ROOT / '_docs'):   # the site's folder, made afresh

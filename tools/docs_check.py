@@ -11,7 +11,7 @@ from pathlib import Path
 from urllib.parse import urldefrag, urlparse
 from urllib.request import urlopen
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).resolve().parents[1]
 # the pages opened, and the least number of pictures each must show
 PAGES = {'index.html': 0, '00_quickstart.html': 2, 'fsmtl.learner.html': 0}
 BROWSER, DRIVER = 'chromium', 'chromedriver'
