@@ -17,6 +17,12 @@ def test_api_pages_cover_fsmtl_all():
     assert sorted(names) == sorted(fsmtl.all.__all__) and len(names) == len(set(names))
 
 
+def test_api_page_shows_methods():
+    md = api_markdown('classifier', ['FewShotClassifier'])
+    for m in ('fit', 'predict', 'save', 'load', 'from_learner'): assert f'### FewShotClassifier.{m}\n' in md
+    assert '.after_epoch\n' not in api_markdown('callbacks', api_modules()['callbacks'])   # fastai's events, not API
+
+
 def test_api_page_shows_signature_and_docments():
     md = api_markdown('probe', api_modules()['probe'])
     assert md.startswith('# fsmtl.probe\n')
@@ -59,9 +65,14 @@ def test_broken_links_found_over_http(tmp_path):
 @pytest.mark.skipif(bool(missing_browser()), reason=f"{missing_browser()}")
 def test_browser_check_catches_broken_links_and_images(tmp_path):
     site = _site(tmp_path)
-    assert check_site(site, {'index.html': 1}) == []
-    problems = check_site(site, {'other.html': 3})
+    problems = check_site(site, {'index.html': 1, 'other.html': 3})
+    assert all('/other.html: ' in p for p in problems) and (site / 'screenshots' / 'index.png').exists()
     assert any('image did not load' in p and p.endswith('/gone.png') for p in problems)
     assert any(p.endswith('/missing.html') for p in problems) and any(p.endswith('index.html#nowhere') for p in problems)
     assert any('2 images, expected at least 3' in p for p in problems) and len(problems) == 4
     assert (site / 'screenshots' / 'other.png').stat().st_size > 1000
+    (site / 'other.html').unlink()
+    left = check_site(site, {'index.html': 1})
+    assert len(left) == 1 and left[0].endswith('/other.html#part')   # the home page's link now leads nowhere
+    (site / 'index.html').write_text('<h1 id="top">Home</h1><img src="plot.png"><a href="#top">top</a>')
+    assert check_site(site, {'index.html': 1}) == []

@@ -25,13 +25,22 @@ def api_modules():
     return {m: ns for m, ns in mods.items() if ns}
 
 
+def public_methods(cls):   # a class
+    "The public methods `cls` defines itself, leaving out fastai's callback events (`after_epoch` ...)."
+    from fastai.callback.core import _events
+    return [m for m, f in vars(cls).items() if not m.startswith('_') and m not in _events
+            and inspect.isfunction(getattr(f, '__func__', f))]
+
+
 def api_markdown(module,   # a module name of `fsmtl.all.MODULES`, e.g. 'data.core'
                  names):   # the names of its public functions and classes
-    "The API page of `fsmtl.{module}`: its docstring, then `show_doc` of each name."
+    "The API page of `fsmtl.{module}`: its docstring, then `show_doc` of each name and of each class's methods."
     from nbdev.showdoc import show_doc
     mod = importlib.import_module(f'fsmtl.{module}')
+    objs = [o for n in names for o in [getattr(mod, n)] + [getattr(getattr(mod, n), m) for m in
+                                                             (public_methods(getattr(mod, n)) if inspect.isclass(getattr(mod, n)) else [])]]
     head = f"# fsmtl.{module}\n\n> {inspect.getdoc(mod) or ''}\n\n"
-    return head + '\n\n'.join(show_doc(getattr(mod, n))._repr_markdown_() for n in names)
+    return head + '\n\n'.join(show_doc(o)._repr_markdown_() for o in objs)
 
 
 def home_markdown(readme):   # the text of README.md

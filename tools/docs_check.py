@@ -1,6 +1,6 @@
-"""Open the built docs site in headless Chromium, served on 127.0.0.1: the home page, a tutorial with plots, an API page.
-Each must load every image and link only to pages and anchors that exist; a screenshot of each goes to
-`_docs/screenshots/`. Needs Debian's `chromium` and `chromium-driver` (apt-get install chromium chromium-driver):
+"""Open every page of the built docs site in headless Chromium, served on 127.0.0.1: each must load every image and link
+only to pages and anchors that exist. The home page, a tutorial with plots and an API page must show their pictures,
+and a screenshot of each goes to `_docs/screenshots/`. Needs Debian's `chromium` and `chromium-driver` (apt-get install chromium chromium-driver):
 without them it says so and exits 0.
 Usage: python tools/docs_check.py [--site _docs]
 """
@@ -12,7 +12,7 @@ from urllib.parse import urldefrag, urlparse
 from urllib.request import urlopen
 
 ROOT = Path(__file__).resolve().parents[1]
-# the pages opened, and the least number of pictures each must show
+# the pages photographed, and the least number of pictures each must show
 PAGES = {'index.html': 0, '00_quickstart.html': 2, 'fsmtl.learner.html': 0}
 BROWSER, DRIVER = 'chromium', 'chromedriver'
 
@@ -66,7 +66,7 @@ def broken(link, cache):   # an absolute link; `cache` keeps the pages read
 
 def check_page(driver,    # a `browser()`
                url,       # the page's address
-               shot,      # where its screenshot goes (PNG)
+               shot=None, # where its screenshot goes (PNG), if anywhere
                images=0): # the least number of images it must show
     "Problems of the page at `url`: images that did not load, internal links to no page or anchor; screenshot to `shot`."
     driver.set_window_size(driver.get_window_size()['width'], 900)
@@ -77,7 +77,7 @@ def check_page(driver,    # a `browser()`
     host, pages = urlparse(url).netloc, {}
     links = [l for l in sorted(set(driver.execute_script(_LINKS))) if urlparse(l).netloc == host]
     problems += [f"{url}: broken link {l}" for l in links if broken(l, pages)]
-    _screenshot(driver, shot)
+    if shot: _screenshot(driver, shot)
     return problems
 
 
@@ -90,13 +90,15 @@ def _screenshot(driver, path):   # the PNG to write
 
 
 def check_site(site,        # the built site's folder
-               pages=None): # page -> least images, default `PAGES`
-    "Every problem found on `pages` of the site in `site`; screenshots under `site/screenshots/`."
+               shots=None): # page -> least images, for the pages photographed; default `PAGES`
+    "Every problem found on the pages of the site in `site`; screenshots of `shots` under `site/screenshots/`."
+    shots = PAGES if shots is None else shots
     httpd, driver = serve(site), browser()
     try:
         base = f"http://127.0.0.1:{httpd.server_address[1]}/"
-        return [p for page, n in (pages or PAGES).items()
-                for p in check_page(driver, base + page, site / 'screenshots' / f'{Path(page).stem}.png', n)]
+        return [p for page in sorted(set(shots) | {f.name for f in site.glob('*.html')})
+                for p in check_page(driver, base + page, site / 'screenshots' / f'{Path(page).stem}.png'
+                                    if page in shots else None, shots.get(page, 0))]
     finally:
         driver.quit()
         httpd.shutdown()
@@ -111,6 +113,6 @@ if __name__ == '__main__':
     start = time.time()
     problems = check_site(site)
     for pr in problems: print(pr)
-    print(f"{len(PAGES)} pages checked in {time.time() - start:.1f} s, {len(problems)} problems; "
-          f"screenshots in {site / 'screenshots'}")
+    print(f"{len(list(site.glob('*.html')))} pages checked in {time.time() - start:.1f} s, {len(problems)} problems; "
+          f"screenshots of {len(PAGES)} in {site / 'screenshots'}")
     sys.exit(1 if problems else 0)
