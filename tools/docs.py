@@ -32,15 +32,22 @@ def public_methods(cls):   # a class
             and inspect.isfunction(getattr(f, '__func__', f))]
 
 
+def documented(mod,     # a module
+               names):  # names of its public functions and classes
+    "The objects named `names` in `mod`, each class followed by its public methods."
+    for n in names:
+        o = getattr(mod, n)
+        yield o
+        if inspect.isclass(o): yield from (getattr(o, m) for m in public_methods(o))
+
+
 def api_markdown(module,   # a module name of `fsmtl.all.MODULES`, e.g. 'data.core'
                  names):   # the names of its public functions and classes
     "The API page of `fsmtl.{module}`: its docstring, then `show_doc` of each name and of each class's methods."
     from nbdev.showdoc import show_doc
     mod = importlib.import_module(f'fsmtl.{module}')
-    objs = [o for n in names for o in [getattr(mod, n)] + [getattr(getattr(mod, n), m) for m in
-                                                             (public_methods(getattr(mod, n)) if inspect.isclass(getattr(mod, n)) else [])]]
     head = f"# fsmtl.{module}\n\n> {inspect.getdoc(mod) or ''}\n\n"
-    return head + '\n\n'.join(show_doc(o)._repr_markdown_() for o in objs)
+    return head + '\n\n'.join(show_doc(o)._repr_markdown_() for o in documented(mod, names))
 
 
 def home_markdown(readme):   # the text of README.md

@@ -74,7 +74,7 @@ def execute(path):
     from nbdev.config import get_config
     path, start = Path(path).resolve(), time.time()
     skip, nb = _skipped(path), read_nb(path)
-    shell = CaptureShell(path, mpl_format='png')   # plain PNGs: half the bytes of retina ones
+    shell = CaptureShell(path, mpl_format='png')   # PNGs at the figures' own size: retina ones have 4 times the pixels
     cwd = os.getcwd()
     os.chdir(path.parent)
     try: shell.run_all(nb, exc_stop=True, preproc=lambda c: c.idx_ in skip)
