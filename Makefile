@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fsmtl-installed
 
-.PHONY: install test quicktest pytest nbtest train bench clean
+.PHONY: install test quicktest pytest nbtest notebooks docs docs-check train bench clean
 
 # The stamp is newer than every file that decides what gets installed, so a second run installs nothing.
 $(STAMP): settings.ini setup.py tools/install.sh
@@ -35,6 +35,18 @@ nbtest: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/nbdev_test --path nbs --n_workers 2 --timing
 
 test: pytest nbtest
+
+# Run each tutorial as nbdev_test does and save it with its outputs, cleaned (tools/notebooks.py); commit the result.
+notebooks: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) tools/notebooks.py run
+
+# The docs site in _docs/: README as home page, the tutorials with their outputs, an API page a module (pandoc).
+docs: $(STAMP)
+	$(PY) tools/docs.py
+
+# The site in headless Chromium (apt-get install chromium chromium-driver): images, links, screenshots in _docs/screenshots/
+docs-check: docs
+	$(PY) tools/docs_check.py
 
 # A small ResNet-12 on the embedded benchmark, sized for a 2-core CPU; it prints the test accuracy of the trained
 # backbone beside the untrained one's, on the same episodes. Runs go to runs/<dataset>-<model>-<date>/.

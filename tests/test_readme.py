@@ -41,10 +41,11 @@ def test_fsmtl_commands_run(cmd, python_blocks):
 
 def test_other_shell_commands_are_known():
     "The remaining shell lines are the Makefile's targets and the install steps, which `make test` itself goes through."
-    known = {'make train', 'make test', 'make quicktest', 'pip install torch==2.14.1 torchvision==0.29.1',
-             'bash tools/install.sh /path/to/your/venv'}
+    known = {'make train', 'make test', 'make quicktest', 'make notebooks', 'make docs', 'make docs-check',
+             'pip install torch==2.14.1 torchvision==0.29.1', 'bash tools/install.sh /path/to/your/venv'}
     assert {c for c in _commands('sh') if not c.startswith('fsmtl ')} == known
-    assert all(t in (Path(__file__).parents[1] / 'Makefile').read_text() for t in ('\ntrain:', '\ntest:', '\nquicktest:'))
+    targets = ('train', 'test', 'quicktest', 'notebooks', 'docs', 'docs-check')
+    assert all(f'\n{t}:' in (Path(__file__).parents[1] / 'Makefile').read_text() for t in targets)
 
 
 def test_install_lines_are_what_install_sh_runs():
