@@ -90,3 +90,15 @@ def one_torch_thread():
 def one_thread():
     "`one_torch_thread` for a whole test module (`pytestmark = pytest.mark.usefixtures('one_thread')`)."
     with one_torch_thread(): yield
+
+
+# The test files that take longest, longest first: `make test` runs files whole on two workers (`--dist loadfile`) in
+# the order collected, so these start first and the two workers end together rather than one waiting on the last file.
+LONGEST_FIRST = ['test_train.py', 'test_readme.py', 'test_algorithms.py', 'test_faults.py', 'test_finetune.py',
+                 'test_distributed.py', 'test_bench.py', 'test_glyphs.py', 'test_data_faults.py', 'test_run_folder.py']
+
+
+def pytest_collection_modifyitems(items):
+    "Collect the longest files first (a stable sort: each file's tests keep their order)."
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

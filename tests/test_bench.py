@@ -154,3 +154,12 @@ def test_study_fewer_classes_keeps_every_image_of_the_classes_drawn(glyph_splits
     for c, name in enumerate(tr.classes):
         k = full.classes.index(name)
         np.testing.assert_array_equal(tr.items[tr.labels == c], full.items[full.labels == k])
+
+
+def test_render_bench_prints_a_row_per_setting():
+    "bench/render.py: a row per setting, the classes of the three splits and at least the images asked for."
+    out = run_bench('render.py', '--n_images', '2,1', '--threads', '1').stdout
+    rows = [[c.strip() for c in l.split('|')[1:-1]] for l in out.splitlines() if re.match(r'\| \d', l)]
+    assert [r[0] for r in rows] == ['2', '1']
+    for r in rows:
+        assert float(r[1]) > 0 and float(r[2]) > 0 and r[4] == '250 / 87 / 114' and int(r[3]) >= 451 * int(r[0])
