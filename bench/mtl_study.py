@@ -18,7 +18,9 @@ Rows: `zero` (the default), `original` (the original code's head, kaiming-unifor
 tasks, 3 a batch: the same images a batch), `images 20` (20 images a class: 'glyphs-small'), `lazy rows` (the head's
 rows that a batch leaves unused keep their values in its step, as a lazy Adam keeps them; RAdam's momentum otherwise
 moves them for several steps after their last batch), `classes 64` (64 base classes of the 250, drawn with the seed,
-as many as mini-ImageNet's, at 300 images each).
+as many as mini-ImageNet's, at 300 images each); `pretrain` (`--algorithm pretrain`: one softmax over all base classes),
+`pretrain SGD` (with SGD at 0.05, momentum 0.9, as RFS pretrains) and `pretrain tasks 25` (25 tasks a batch: 125 of
+the 250 classes in each batch rather than 30, a quarter of the steps).
 Run: `python bench/mtl_study.py [--epochs 5] [--rows zero,original,...] [--out table.md]`.
 """
 import argparse
@@ -95,7 +97,8 @@ ROWS = {'zero': {}, 'original': dict(original_head=True), 'unscaled': dict(init=
         'cosine T=10': dict(cosine=(10., False)), 'cosine T learned': dict(cosine=(10., True)),
         'head_wd': dict(head_wd=True), 'tasks 2': dict(tasks=2), 'tasks 12': dict(tasks=12),
         'ways 10': dict(ways=10, tasks=3), 'images 20': dict(dataset='glyphs-small'), 'lazy rows': dict(lazy=True),
-        'classes 64': dict(classes=64)}
+        'classes 64': dict(classes=64), 'pretrain': dict(all_classes=True),
+        'pretrain SGD': dict(all_classes=True, opt='sgd', lr=0.05), 'pretrain tasks 25': dict(all_classes=True, tasks=25)}
 
 
 def row(name, args):
@@ -109,7 +112,8 @@ def row(name, args):
                   epoch_length=args.epoch_length * 5 // ways, test_shots=5, val_episodes=args.select_episodes,
                   test_episodes=1, seed=args.seed, device='cpu')
     learn = quiet(mtl_learner(dls, arch_kwargs=dict(channels=tuple(int(c) for c in args.channels.split(','))),
-                              original_head=o.get('original_head', False),
+                              original_head=o.get('original_head', False), all_classes=o.get('all_classes', False),
+                              opt=o.get('opt', 'radam'),
                               norm_train_features=o.get('norm_train_features', False)))
     if o.get('init') == 'kaiming':
         with torch.no_grad(): nn.init.kaiming_uniform_(learn.model.head, a=math.sqrt(5))
@@ -117,7 +121,8 @@ def row(name, args):
         learn.model = Cosine(learn.model, *o['cosine'])
         learn.splitter = lambda m: mtl_splitter(m)[:-1] + [[m.head, m.t]]
     n = len(learn.splitter(learn.model))   # parameter groups, the head's last
-    lr = [args.lr] * (n - 1) + [args.lr * o.get('head_lr', 1.)]
+    lr = o.get('lr', args.lr)
+    lr = [lr] * (n - 1) + [lr * o.get('head_lr', 1.)]
     wd = [0.] * (n - 1) + [args.head_wd if o.get('head_wd') else 0.]
     budget, last = Budget(math.inf, time.process_time), LastEpoch()   # no time limit: the best epoch's weights, the log
     learn.fit(args.epochs, lr, wd=wd, cbs=[budget, last, *plateau_cbs(), *([LazyRows()] if o.get('lazy') else [])])
