@@ -32,6 +32,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from fastai.callback.core import Callback, CancelFitException, CancelTrainException
@@ -177,6 +178,7 @@ def main(argv=None):
     p.add_argument('--root', default='~/data')
     p.add_argument('--out', default=None, help='also write the table to this file')
     p.add_argument('--plot', default=None, help='save the plot of validation accuracy against training time to this file')
+    p.add_argument('--save', default=None, help="also write the children's results (logs and scores) to this JSON file")
     p.add_argument('--one', default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one: return one(args)
@@ -197,6 +199,7 @@ def main(argv=None):
     if args.out:
         with open(args.out, 'w') as f: f.write(out + '\n')
     if args.plot: plot(results, args.plot)
+    if args.save: Path(args.save).write_text(json.dumps(results))
 
 
 if __name__ == '__main__':

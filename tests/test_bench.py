@@ -1,4 +1,5 @@
 "The training benches, run with tiny settings: their last line `ratio: N` is the quotient of the rates they print; the loops train alike."
+import json
 import os
 import re
 import subprocess
@@ -87,7 +88,8 @@ def test_bridge_writes_one_row_per_algorithm_and_budget(tmp_path):
     out, png = tmp_path / 'table.md', tmp_path / 'bridge.png'
     res = run_bench('bridge.py', '--algorithms', 'pretrain,protonet', '--budget', '1,3', '--dataset', 'glyphs-small',
                     '--channels', '8,8,8,8', '--tasks', '2', '--epoch_length', '4', '--val_episodes', '4', '--test_episodes', '8',
-                    '--native_episodes', '4', '--root', str(tmp_path), '--out', str(out), '--plot', str(png))
+                    '--native_episodes', '4', '--root', str(tmp_path), '--out', str(out), '--plot', str(png),
+                    '--save', str(tmp_path / 'results.json'))
     rows = [l for l in out.read_text().splitlines() if l.startswith('| ') and not l.startswith('| algorithm')]
     cells = [[c.strip() for c in r.split('|')[1:-1]] for r in rows]
     assert [(c[0], c[1]) for c in cells] == [('pretrain', '1'), ('pretrain', '3'), ('protonet', '1'), ('protonet', '3')], res.stdout
@@ -99,6 +101,8 @@ def test_bridge_writes_one_row_per_algorithm_and_budget(tmp_path):
     # the native head's columns: none for pretrain, ProtoNet's prototypes for protonet
     assert cells[0][6] == '-' and re.fullmatch(NUM + r' ± ' + NUM, cells[2][6])
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    saved = json.loads((tmp_path / 'results.json').read_text())   # the children's logs, to combine runs later
+    assert [r['algorithm'] for r in saved] == ['pretrain', 'protonet'] and all(r['log'] and r['scores'] for r in saved)
 
 
 def test_transfer_digits_are_scikit_learns_dark_on_light():
