@@ -15,7 +15,7 @@ import torch
 from fastai.torch_core import default_device, set_seed
 
 from .algorithms import algorithm_options, get_algorithm
-from .checkpoint import Checkpoints, backbone_from_checkpoint, load_weights, own_rng_state, read_checkpoint
+from .checkpoint import Checkpoints, backbone_from_checkpoint, load_run_weights, read_checkpoint
 from .data.block import FINAL_SHOTS, mtl_dls
 from .data.benchmarks import get_benchmark
 from .data.tasks import shot_counts
@@ -232,13 +232,6 @@ def _dls(cfg, device):
                    num_workers=cfg['num_workers'], device=device)
 
 
-def _load_weights(model, st, source, head: bool = True):
-    "Put checkpoint `st`'s backbone (and head, when it fits) into `model`."
-    load_weights(model.backbone, st['backbone'], source)
-    if head and 'head' in st and st['head'].shape == model.head.shape:
-        with torch.no_grad(): model.head.copy_(st['head'])
-
-
 def _final_test(model, source, cfg, progress) -> EvalResults:
     "The final test: 1- and 5-shot (and `test_shots`) on the test episodes (`source`'s own, or drawn from it)."
     shots = tuple(shot_counts([*FINAL_SHOTS, cfg['test_shots']]))
@@ -255,8 +248,7 @@ def _configure(given: dict):
         _check(cfg)
         return cfg, None, run_folder(cfg)   # a new run resumes nothing
     folder = resume_source(_options(given))
-    resumed = read_checkpoint(folder, prefer='last')
-    own_rng_state(resumed)   # on as many processes as the run had, before any work
+    resumed = Checkpoints.read_last(folder)
     cfg = resumed_config(given, _options({}, resumed['config']), folder, resumed['epoch'])
     _check(cfg)
     return cfg, resumed, folder
@@ -274,13 +266,14 @@ def _learner(cfg, device):
     return learn if cfg['progress'] else quiet(learn)   # progress bars as asked
 
 
-def _loggers(cfg, run_dir, resumed) -> list:
+def _loggers(cfg, run_dir, start: int) -> list:
     "The run's log callbacks (CSV history, TensorBoard, wandb); writes config.json."
     if cfg['no_log'] or not is_main(): return []   # none with `no_log`, or on ranks but 0
     # wandb first: when it cannot start, the run stops before it has written anything
     wandb = [wandb_cb(run_dir, _json_config(cfg), run_dir.name)] if cfg['wandb'] else []
     write_json(_json_config(cfg), run_dir / 'config.json')
-    cbs = [RunCSVLogger(run_dir / 'history.csv', append=resumed is not None, keep=resumed['epoch'] if resumed else 0)]
+    # a resumed run's history.csv keeps its rows of the epochs before `start`
+    cbs = [RunCSVLogger(run_dir / 'history.csv', append=start > 0, keep=start)]
     if (tb := tensorboard_cb(run_dir / 'tensorboard')) is not None: cbs.append(tb)
     return cbs + wandb
 
@@ -297,14 +290,6 @@ def _fit(learn, cfg, start: int, cbs):
         else:
             learn.fit_plateau(n, lr, cfg['decay_patience'], 1 / cfg['decay_rate'], cfg['stop_patience'], cbs=cbs,
                               start_epoch=start)
-
-
-def _history(learn, resumed) -> pd.DataFrame:
-    "The history of every epoch: the learner's, else the checkpoint's."
-    # the checkpoint's when nothing was left to train
-    if hasattr(learn.recorder, 'metric_names'): return learn.recorder.history()
-    names = [n for n in (resumed or {}).get('metric_names', ['epoch'])[1:] if n != 'time']
-    return pd.DataFrame((resumed or {}).get('history', []), columns=names).rename_axis('epoch')
 
 
 def _write_results(res: TrainResult):
@@ -341,29 +326,25 @@ def _train_in(cfg, resumed, run_dir) -> TrainResult:
     # the same initial weights on every process, then each its own training tasks and augmentation
     if resumed is None and world() > 1: set_seed(rank_seed(cfg['seed'], rank()))
     dls, model = learn.dls, learn.model
-    if cfg['load_path'] and resumed is None: _load_weights(model, read_checkpoint(cfg['load_path']), cfg['load_path'])
+    if cfg['load_path'] and resumed is None: load_run_weights(model, read_checkpoint(cfg['load_path']), cfg['load_path'])
     splits = dls.splits
     meta = dict(arch=cfg['model'], arch_kwargs=dict(cfg['model_kwargs'] or {}), size=splits.size, mean=list(splits.mean),
                 std=list(splits.std), interpolation=splits.interpolation, image_size=splits.train.image_size(),
                 n_base=splits.train.n_classes,
                 norm_train_features=cfg['norm_train_features'], config=_json_config(cfg))
-    ckpt = Checkpoints(run_dir, meta, resume=resumed)
+    ckpt = Checkpoints(run_dir, meta, last=resumed)
     learn.add_cb(ckpt)
-    cbs = _loggers(cfg, run_dir, resumed)
+    cbs = _loggers(cfg, run_dir, ckpt.start_epoch)
     wandb_run = sys.modules['wandb'].run if cfg['wandb'] and not cfg['no_log'] and is_main() else None
     try:
         untrained = _final_test(model, dls, cfg, cfg['progress']) if cfg['baseline'] and resumed is None else None
-        if resumed is not None:
-            _load_weights(model, resumed, run_dir / 'last.pth')
-            learn.create_opt()
-            learn.opt.load_state_dict(resumed['opt'])
+        ckpt.resume()
         t1 = time.perf_counter()
-        _fit(learn, cfg, resumed['epoch'] if resumed else 0, cbs)
+        _fit(learn, cfg, ckpt.start_epoch, cbs)
         t2 = time.perf_counter()
-        best = broadcast_object(read_checkpoint(ckpt.best_path) if is_main() and ckpt.best_path.exists() else None)
-        if best is not None: _load_weights(model, best, ckpt.best_path)
+        best = ckpt.load_best(model)
         results = _final_test(model, dls, cfg, cfg['progress'])
-        res = TrainResult(learn, _history(learn, resumed), results, untrained, run_dir, best['epoch'] if best else None,
+        res = TrainResult(learn, ckpt.history(), results, untrained, run_dir, best['epoch'] if best else None,
                           dict(setup=t1 - t0, training=t2 - t1, test=time.perf_counter() - t2), cfg)
         if not cfg['no_log'] and is_main(): _write_results(res)
         if wandb_run is not None: wandb_run.summary.update({f'test_acc_{s}shot': r.mean for s, r in results.items()})
@@ -396,5 +377,5 @@ def evaluate_checkpoint(load_path,  # a checkpoint file (best.pth, last.pth) or 
     # the algorithm's model around the backbone, with its trained head: a native test scores by it, a probe by the backbone
     model = algo.model(backbone, backbone.num_features, st.get('n_base', 1), cfg['train_ways'], cfg['train_shots'],
                        cfg['train_queries'])
-    _load_weights(model, st, p)
+    load_run_weights(model, st, p)
     return _final_test(model.to(_device(cfg['gpu'])), splits, cfg, cfg['progress'])
