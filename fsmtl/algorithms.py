@@ -8,14 +8,14 @@ from .probe import get_probe
 from .heads import (ANILModel, BaseClassLoss, EpisodeLoss, FeatureHeadModel, MAMLModel, MTLModel, MultiTaskLoss,
                     svm_classifier)
 
-__all__ = ['Algorithm', 'ALGORITHMS', 'register', 'algorithm_options', 'get_algorithm', 'MTL', 'Pretrain', 'Episodic',
+__all__ = ['Algorithm', 'ALGORITHMS', 'register_algorithm', 'algorithm_options', 'get_algorithm', 'MTL', 'Pretrain', 'Episodic',
            'ProtoNet', 'MetaOptNet', 'R2D2', 'MAML', 'ANIL']
 
 # name -> the `Algorithm` class of that name, in the order registered
 ALGORITHMS = {}
 
 
-def register(cls):  # a subclass of `Algorithm`, with its `name`
+def register_algorithm(cls):  # a subclass of `Algorithm`, with its `name`
     "Add `cls` to `ALGORITHMS`: `train(algorithm=cls.name)` and `fsmtl train --algorithm` then train it."
     ALGORITHMS[cls.name] = cls
     return cls
@@ -114,7 +114,7 @@ _MTL_OPTIONS = {
 }
 
 
-@register
+@register_algorithm
 class MTL(Algorithm):
     "Multi-task learning: one head row a base class, each task scored by a softmax over its own classes."
     name, about, options = 'mtl', "softmax over each training task's own classes (Wang et al. 2021)", _MTL_OPTIONS
@@ -139,7 +139,7 @@ class MTL(Algorithm):
         return BaseClassLoss() if self.all_classes else MultiTaskLoss(ways, shots + queries)
 
 
-@register
+@register_algorithm
 class Pretrain(MTL):
     "Pretraining: MTL's model, one softmax over all base classes."
     name, all_classes = 'pretrain', True
@@ -173,13 +173,13 @@ class Episodic(Algorithm):
         return EpisodeLoss(ways, queries)
 
 
-@register
+@register_algorithm
 class ProtoNet(Episodic):
     "Prototypical networks: the nearest class mean."
     name, about = 'protonet', 'nearest class mean, squared Euclidean distance (Snell et al. 2017)'
 
 
-@register
+@register_algorithm
 class MetaOptNet(Episodic):
     "MetaOptNet: a multi-class SVM on the support features."
     name, about = 'metaoptnet', "Crammer-Singer SVM on the support features, learn2learn's SVClassifier (Lee et al. 2019)"
@@ -189,7 +189,7 @@ class MetaOptNet(Episodic):
     head, head_options = 'svm', {'C': 'svm_C', 'max_iters': 'svm_max_iters'}
 
 
-@register
+@register_algorithm
 class R2D2(Episodic):
     "R2D2: ridge regression on one-hot targets, in closed form."
     name, about = 'r2d2', 'closed-form ridge regression on one-hot targets (Bertinetto et al. 2019)'
@@ -197,7 +197,7 @@ class R2D2(Episodic):
     head, head_options = 'ridge', {'lam': 'ridge_lambda'}
 
 
-@register
+@register_algorithm
 class MAML(Episodic):
     "MAML: the whole network adapted to each task's support by gradient steps."
     name, about = 'maml', 'MAML on the whole network, learn2learn.algorithms.MAML (Finn et al. 2017)'
@@ -219,7 +219,7 @@ class MAML(Episodic):
         return self.network(backbone, nf, ways, shots, queries, self.adaptation_steps, self.adaptation_lr, self.first_order)
 
 
-@register
+@register_algorithm
 class ANIL(MAML):
     "ANIL: MAML on the linear head only."
     name, about, network = 'anil', 'MAML on the linear head only (Raghu et al. 2020)', ANILModel

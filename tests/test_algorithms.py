@@ -294,7 +294,7 @@ class Cosine(A.Algorithm):
 def cosine(monkeypatch):
     "The registry with the toy algorithm `cosine` registered, for this test only."
     monkeypatch.setattr(A, 'ALGORITHMS', dict(A.ALGORITHMS))
-    A.register(Cosine)
+    A.register_algorithm(Cosine)
 
 
 def tiny_run(root, tmp_path, **kw):
