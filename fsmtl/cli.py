@@ -55,8 +55,8 @@ def _predict(args):
     if not queries: raise ValueError(f"{query} holds no images (judged by file extension): put the images to classify "
                                      "directly in it")
     clf = FewShotClassifier.from_checkpoint(args.checkpoint, probe=args.probe)
-    check_images(sum(files, []), clf.size)   # every bad example named at once, since the probe needs them all
-    bad = dict(unreadable_images(queries, clf.size))
+    check_images(sum(files, []), clf.input.size)   # every bad example named at once, since the probe needs them all
+    bad = dict(unreadable_images(queries, clf.input.size))
     for q, why in bad.items(): print(f"fsmtl predict: skipped {q}: cannot read it ({why})", file=sys.stderr)
     if not (queries := [q for q in queries if q not in bad]):
         raise ValueError(f"none of the {len(bad)} images in {query} could be read (each is named above): replace them")

@@ -1,5 +1,6 @@
 "Optimisers by name, the resumable `MTLLearner`, and `mtl_learner`: the learner of any registered algorithm."
 from __future__ import annotations
+import dataclasses
 import math
 from functools import partial
 
@@ -118,12 +119,11 @@ class InputOnly(DataLoaders):
     @classmethod
     def of(cls, dls):  # DataLoaders from `mtl_dls`
         "The input of `dls`, without images."
-        # its `splits`' size, mean, std and interpolation
-        s = dls.splits
-        empty = lambda: Split(np.zeros((0, s.train.image_size(), s.train.image_size(), 3), np.uint8), [], [])
+        # its `splits`' `InputSpec`
+        s, i = dls.splits, dls.splits.input
+        empty = lambda: Split(np.zeros((0, i.image_size, i.image_size, 3), np.uint8), [], [])
         res = cls(path=dls.path, device=dls.device)
-        res.splits = FewShotSplits(s.name, empty(), empty(), empty(), tuple(s.mean), tuple(s.std),
-                                   input_size=s.input_size, interpolation=s.interpolation)
+        res.splits = FewShotSplits(s.name, empty(), empty(), empty()).with_input(i)
         return res
 
     def new_empty(self):
@@ -233,10 +233,9 @@ def mtl_learner(dls,                          # DataLoaders from `mtl_dls`
     opt_func = opt if callable(opt) else get_opt(opt)
     if precision not in ('fp32', 'fp16', 'bf16'): raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
     backbone, nf = create_backbone(arch, pretrained, **(arch_kwargs or {}))
-    given = dict(size=size, mean=mean, std=std, interpolation=interpolation)
-    if pretrained: follow_input(dls, **input_config(backbone, **given))
-    elif any(v is not None for v in given.values()):
-        follow_input(dls, size or splits.size, mean or splits.mean, std or splits.std, interpolation or splits.interpolation)
+    given = {k: v for k, v in dict(size=size, mean=mean, std=std, interpolation=interpolation).items() if v is not None}
+    if pretrained: follow_input(dls, input_config(backbone, splits.train.image_size(), **given))
+    elif given: follow_input(dls, dataclasses.replace(splits.input, **given))
     model = algo.model(backbone, nf, splits.train.n_classes, train.ways, shots, queries)
     extra = [EpisodicEval(every=eval_every, shots=dls.test_shots, probe=probe), TaskAccuracy(), StopOnNaN()]
     if precision != 'fp32': extra.append(AMP(precision))

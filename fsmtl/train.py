@@ -18,6 +18,7 @@ from .algorithms import algorithm_options, get_algorithm
 from .checkpoint import Checkpoints, backbone_from_checkpoint, load_run_weights, read_checkpoint
 from .data.block import FINAL_SHOTS, mtl_dls
 from .data.benchmarks import get_benchmark
+from .data.core import InputSpec
 from .data.tasks import shot_counts
 from .distributed import broadcast_object, init_distributed, is_main, local_batch, rank, rank_seed, world
 from .evaluate import evaluate
@@ -328,10 +329,8 @@ def _train_in(cfg, resumed, run_dir) -> TrainResult:
     dls, model = learn.dls, learn.model
     if cfg['load_path'] and resumed is None: load_run_weights(model, read_checkpoint(cfg['load_path']), cfg['load_path'])
     splits = dls.splits
-    meta = dict(arch=cfg['model'], arch_kwargs=dict(cfg['model_kwargs'] or {}), size=splits.size, mean=list(splits.mean),
-                std=list(splits.std), interpolation=splits.interpolation, image_size=splits.train.image_size(),
-                n_base=splits.train.n_classes,
-                norm_train_features=cfg['norm_train_features'], config=_json_config(cfg))
+    meta = dict(arch=cfg['model'], arch_kwargs=dict(cfg['model_kwargs'] or {}), **splits.input.state(),
+                n_base=splits.train.n_classes, norm_train_features=cfg['norm_train_features'], config=_json_config(cfg))
     ckpt = Checkpoints(run_dir, meta, last=resumed)
     learn.add_cb(ckpt)
     cbs = _loggers(cfg, run_dir, ckpt.start_epoch)
@@ -370,10 +369,9 @@ def evaluate_checkpoint(load_path,  # a checkpoint file (best.pth, last.pth) or 
     splits = get_benchmark(cfg['dataset'], root=cfg['root'])
     if (size := _load_size(cfg)) is not None:   # as training loaded them
         for s in ('train', 'val', 'test'): splits[s].size = size
-    # a pretrained backbone's input (its size, mean and std), as its checkpoint records it
+    # a pretrained backbone's input (its size, mean and std), as its checkpoint records it, from the images as loaded
     if cfg['pretrained']:
-        splits = dataclasses.replace(splits, mean=tuple(st['mean']), std=tuple(st['std']), input_size=st['size'],
-                                     interpolation=st.get('interpolation', 'bilinear'))
+        splits = splits.with_input(dataclasses.replace(InputSpec.from_state(st), image_size=splits.train.image_size()))
     # the algorithm's model around the backbone, with its trained head: a native test scores by it, a probe by the backbone
     model = algo.model(backbone, backbone.num_features, st.get('n_base', 1), cfg['train_ways'], cfg['train_shots'],
                        cfg['train_queries'])
