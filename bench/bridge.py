@@ -38,10 +38,10 @@ import torch
 from fastai.callback.core import Callback, CancelFitException, CancelTrainException
 from fastai.torch_core import set_seed
 
-from fsmtl.algorithms import SOFTMAX_ALGORITHMS, meta_learner
+from fsmtl.algorithms import ALGORITHMS
 from fsmtl.data.block import mtl_dls
 from fsmtl.evaluate import evaluate
-from fsmtl.learner import plateau_cbs
+from fsmtl.learner import meta_learner, plateau_cbs
 from fsmtl.runlog import quiet
 
 HAS_QPTH = importlib.util.find_spec('qpth') is not None and importlib.util.find_spec('cvxpy') is not None
@@ -103,7 +103,7 @@ def one(args):
         log = budget.within(b)
         score = out['scores'][b] = dict(test={s: (r.mean, r.ci95) for s, r in test.items()}, best=max(log, key=lambda e: e[1]),
                                         epochs=len(log), wall=log[-1][0])
-        if args.one not in SOFTMAX_ALGORITHMS and args.native_episodes:
+        if ALGORITHMS[args.one].native and args.native_episodes:
             # the first `native_episodes` of those episodes, drawn again
             nat = evaluate(learn.model, dls, 'test', shots=(1, 5), episodes=args.native_episodes, probe='native', progress=False)
             score['native'] = {s: (r.mean, r.ci95) for s, r in nat.items()}

@@ -27,7 +27,8 @@ from fastai.torch_core import to_device
 
 from _common import sync, synthetic_splits
 from fsmtl.data.block import mtl_dls
-from fsmtl.learner import MultiTaskLoss, get_opt, mtl_learner
+from fsmtl.heads import MultiTaskLoss
+from fsmtl.learner import get_opt, mtl_learner
 from fsmtl.runlog import quiet
 
 WAYS, SHOTS, QUERIES, N_BASE, LR, SEED = 5, 5, 5, 64, 1e-3, 0

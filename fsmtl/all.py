@@ -9,7 +9,7 @@ import fastai.vision.all  # noqa: F401
 
 MODULES = ('data.core', 'data.download', 'data.images', 'data.benchmarks', 'data.transforms', 'data.tasks',
            'data.block', 'probe', 'features', 'scoring', 'adapt', 'evaluate', 'callbacks', 'classifier', 'models', 'pretrained',
-           'distributed', 'ddp', 'learner', 'algorithms', 'files', 'checkpoint', 'train', 'data.torchvision_domains', 'domains')
+           'distributed', 'ddp', 'heads', 'algorithms', 'learner', 'files', 'checkpoint', 'train', 'data.torchvision_domains', 'domains')
 _public = {n: getattr(m, n) for m in (importlib.import_module(f'fsmtl.{name}') for name in MODULES) for n in m.__all__}
 globals().update(_public)
 __all__ = [n for n, o in _public.items() if inspect.isclass(o) or inspect.isfunction(o)]

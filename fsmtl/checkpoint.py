@@ -5,6 +5,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.tracker import EarlyStoppingCallback, TrackerCallback
@@ -12,10 +13,10 @@ from fastcore.basics import store_attr
 from fastcore.foundation import L
 from torch import nn
 
-from .distributed import gather_objects, is_main, rank, unwrap, world
+from .distributed import broadcast_object, gather_objects, is_main, rank, unwrap, world
 from .files import read_torch_file, write_atomic
 
-__all__ = ['save_atomic', 'read_checkpoint', 'load_weights', 'backbone_from_checkpoint', 'Checkpoints', 'rng_state',
+__all__ = ['save_atomic', 'read_checkpoint', 'load_weights', 'load_run_weights', 'backbone_from_checkpoint', 'Checkpoints', 'rng_state',
            'set_rng_state', 'own_rng_state']
 
 
@@ -65,6 +66,15 @@ def load_weights(module: nn.Module,  # the model to fill
         raise ValueError(f"the weights in {source} do not fit this {type(module).__name__} ({len(diffs)} parameters differ: "
                          "another architecture or other arch_kwargs?):\n  " + '\n  '.join(diffs[:show]) + more)
     module.load_state_dict(state)
+
+
+def load_run_weights(model: nn.Module,  # a model with a `backbone` and a `head`
+                     st: dict,           # a checkpoint read by `read_checkpoint`
+                     source):            # where `st` came from, for messages
+    "Put checkpoint `st`'s backbone, and its head when it fits, into `model`."
+    load_weights(model.backbone, st['backbone'], source)
+    if 'head' in st and st['head'].shape == model.head.shape:
+        with torch.no_grad(): model.head.copy_(st['head'])
 
 
 def backbone_from_checkpoint(st: dict,  # a checkpoint read by `read_checkpoint`
@@ -127,7 +137,7 @@ def _float(v):
 
 
 class Checkpoints(Callback):
-    "Writes `last.pth` each epoch, `best.pth` when `monitor` improves."
+    "Writes `last.pth` each epoch, `best.pth` when `monitor` improves; resumes a run from its `last.pth`."
     # last.pth: model, optimiser, schedule, RNG and history
     order = EarlyStoppingCallback.order + 1   # after the trackers: their updated state is saved, and restored after their reset
 
@@ -135,7 +145,7 @@ class Checkpoints(Callback):
                  path,                       # the run's folder
                  meta: dict | None = None,   # saved in both files: what rebuilds the backbone (arch, size, mean, std) and the config
                  monitor: str = 'episodic_acc',  # the metric whose highest value makes the best checkpoint
-                 resume: dict | None = None):    # a `last.pth` read back: its state is restored when the fit starts
+                 last: dict | None = None):      # a `last.pth` read by `read_last`: the run goes on from it (`resume`)
         store_attr()
         self.path, self.meta = Path(path), dict(meta or {})
         self.best, self.saved_epochs = -float('inf'), 0
@@ -144,12 +154,49 @@ class Checkpoints(Callback):
     def last_path(self): return self.path / 'last.pth'
     @property
     def best_path(self): return self.path / 'best.pth'
+    @property
+    def start_epoch(self) -> int:
+        "The epoch the fit starts at: the last checkpoint's when resuming, else 0."
+        return self.last['epoch'] if self.last is not None else 0
+
+    @staticmethod
+    def read_last(folder  # the folder of the run to resume
+                  ) -> dict:
+        "The `last.pth` of the run in `folder`, checked to resume on this number of processes."
+        # read before any work: a run resumed on another number of processes fails at once, naming the fix
+        st = read_checkpoint(folder, prefer='last')
+        own_rng_state(st)
+        return st
+
+    def resume(self):
+        "Continue the run from `last`: its weights and optimiser now, the rest when the fit starts."
+        # the rest: history, schedule, trackers and RNG, restored in `before_fit` after the trackers' reset
+        if self.last is None: return
+        load_run_weights(unwrap(self.learn.model), self.last, self.last_path)
+        self.learn.create_opt()
+        self.learn.opt.load_state_dict(self.last['opt'])
+
+    def load_best(self,
+                  model: nn.Module  # the trained model
+                  ) -> dict | None: # the best checkpoint, or None when there is none
+        "Put the best checkpoint's weights into `model`, on every process."
+        best = broadcast_object(read_checkpoint(self.best_path) if is_main() and self.best_path.exists() else None)
+        if best is not None: load_run_weights(model, best, self.best_path)
+        return best
+
+    def history(self) -> pd.DataFrame:
+        "One row per epoch: the learner's, or the last checkpoint's when no epoch was left to train."
+        rec, last = self.learn.recorder, self.last or {}
+        # the Recorder has metric names once a fit has started; it keeps no time in its values
+        names, values = (rec.metric_names, rec.values) if hasattr(rec, 'metric_names') else \
+            (last.get('metric_names', ['epoch']), last.get('history', []))
+        return pd.DataFrame(values, columns=[n for n in names[1:] if n != 'time']).rename_axis('epoch')
 
     def before_fit(self):
         self.run = not hasattr(self.learn, 'lr_finder')
         if not self.run: return
         self.best, self.saved_epochs = -float('inf'), 0
-        if self.resume is not None: self._restore(self.resume)
+        if self.last is not None: self._restore(self.last)
 
     def _restore(self, st):
         "Put back what `last.pth` holds beyond the weights and optimiser."

@@ -10,6 +10,7 @@ from torch import nn
 
 from .adapt import finetune_copy
 from .checkpoint import backbone_from_checkpoint, read_checkpoint, save_atomic
+from .data.core import InputSpec
 from .data.images import decode_image, rgb
 from .data.transforms import BatchResize
 from .features import extract_features, feature_model, model_device
@@ -57,19 +58,16 @@ def _image(im, size: int) -> torch.Tensor:
     return torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255
 
 
-def image_batch(images,   # file paths, PIL images, uint8 (H, W, 3) arrays, (3, H, W) tensors, or a (N, 3, H, W) tensor
-                size: int,  # side of the square images the backbone takes
-                mean,       # per-channel mean of images in 0..1
-                std,        # per-channel std of images in 0..1
-                image_size: int | None = None,     # side images are loaded at first, as in training; None: `size`
-                interpolation: str = 'bilinear'):  # the filter from `image_size` to `size`, as in training
-    "`images` as a normalised float (N, 3, size, size) CPU tensor."
+def image_batch(images,         # file paths, PIL images, uint8 (H, W, 3) arrays, (3, H, W) tensors, or a (N, 3, H, W) tensor
+                spec: InputSpec  # the input the backbone takes
+                ) -> torch.Tensor:  # normalised float (N, 3, size, size), on the CPU
+    "`images` served as `spec`, as training served its batches."
     # RGB, resized to `image_size` by PIL's bilinear filter, as benchmarks load them; then, as training batches are,
     # to `size` by `BatchResize`; then (x/255 - mean) / std
-    items, loaded = _items(images), image_size or size
+    items, loaded = _items(images), spec.image_size
     x = torch.stack([_image(im, loaded) for im in items]) if items else torch.zeros(0, 3, loaded, loaded)
-    if loaded != size: x = BatchResize(size, interpolation)(TensorImage(x)).as_subclass(torch.Tensor)
-    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    if spec.resized: x = BatchResize(spec.size, spec.interpolation)(TensorImage(x)).as_subclass(torch.Tensor)
+    return (x - torch.tensor(spec.mean)[:, None, None]) / torch.tensor(spec.std)[:, None, None]
 
 
 class FewShotClassifier:
@@ -89,17 +87,16 @@ class FewShotClassifier:
                  finetune_lr: float = 1e-3,  # the learning rate of that fine-tuning
                  image_size: int | None = None,  # side images were loaded at in training, before resizing; None: `size`
                  interpolation: str = 'bilinear'):  # the filter of that resize to `size`
-        self.backbone, self.size, self.chunk = feature_model(backbone), int(size), chunk
-        self.image_size, self.interpolation = int(image_size or size), interpolation
+        self.backbone, self.chunk = feature_model(backbone), chunk
+        self.input = InputSpec(size, mean, std, image_size, interpolation)
         self.finetune_steps, self.finetune_lr, self.finetuned = int(finetune_steps), float(finetune_lr), None
-        self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
         self.probe, self.C, self.arch, self.arch_kwargs = probe, float(C), arch, arch_kwargs
         get_probe(probe, C)   # an unknown probe name fails here rather than in `fit`
 
     def __repr__(self):
         "The backbone's class, image size, probe and classes."
         fitted = f"{len(self.classes)} classes" if hasattr(self, 'classes') else 'not fitted'
-        return f"FewShotClassifier({type(self.backbone).__name__}, {self.size}px, {self.probe} probe, {fitted})"
+        return f"FewShotClassifier({type(self.backbone).__name__}, {self.input.size}px, {self.probe} probe, {fitted})"
 
     @classmethod
     def from_learner(cls,
@@ -108,9 +105,17 @@ class FewShotClassifier:
                      **kw):              # more arguments of `FewShotClassifier` (C, chunk ...)
         "An unfitted classifier on `learn`'s backbone and input."
         # the benchmark's image size and normalisation
-        s = learn.dls.splits
-        return cls(feature_model(learn.model), s.size, s.mean, s.std, probe, image_size=s.train.image_size(),
-                   interpolation=s.interpolation, **kw)
+        return cls.from_input(feature_model(learn.model), learn.dls.splits.input, probe, **kw)
+
+    @classmethod
+    def from_input(cls,
+                   backbone: nn.Module,  # the trained backbone
+                   spec: InputSpec,      # the input it was trained on
+                   probe='logistic',     # 'logistic', 'sklearn' or 'proto', or a probe
+                   **kw):                # more arguments of `FewShotClassifier` (C, chunk ...)
+        "An unfitted classifier on `backbone`, serving images as `spec`."
+        return cls(backbone, spec.size, spec.mean, spec.std, probe, image_size=spec.image_size,
+                   interpolation=spec.interpolation, **kw)
 
     def features(self, images  # file paths, PIL images, arrays or tensors
                  ) -> torch.Tensor:
@@ -120,13 +125,9 @@ class FewShotClassifier:
         if not items: raise ValueError("no images given")
         # after a fit with `finetune_steps`, the fine-tuned copy; the stored backbone is never changed
         model = self.backbone if self.finetuned is None else self.finetuned
-        return torch.cat([extract_features(model, image_batch(items[i:i + self.chunk], *self._input()).to(device),
+        return torch.cat([extract_features(model, image_batch(items[i:i + self.chunk], self.input).to(device),
                                            self.chunk)
                           for i in range(0, len(items), self.chunk)])
-
-    def _input(self):
-        "The arguments of `image_batch` that serve images as training did."
-        return self.size, self.mean, self.std, self.image_size, self.interpolation
 
     def fit(self,
             support,  # a few images of each class: file paths, PIL images, arrays or tensors
@@ -149,8 +150,8 @@ class FewShotClassifier:
         y = torch.tensor([index[l] for l in labels])
         self.finetuned = None
         if self.finetune_steps:
-            x = image_batch(items, *self._input()).to(model_device(self.backbone))
-            self.finetuned = finetune_copy(self.backbone, x, y, self.mean, self.std, self.finetune_steps, self.finetune_lr)
+            x = image_batch(items, self.input).to(model_device(self.backbone))
+            self.finetuned = finetune_copy(self.backbone, x, y, self.input.mean, self.input.std, self.finetune_steps, self.finetune_lr)
         return self._fit(self.features(items), y, classes)
 
     def _fit(self, feats, y, classes):
@@ -191,8 +192,7 @@ class FewShotClassifier:
         arch, kwargs = self._arch()
         if not isinstance(self.probe, str): raise ValueError("save needs the probe by name ('logistic', 'sklearn' or 'proto')")
         fitted = hasattr(self, 'probe_')
-        state = dict(arch=arch, arch_kwargs=kwargs, size=self.size, mean=self.mean, std=self.std, probe=self.probe, C=self.C,
-                     image_size=self.image_size, interpolation=self.interpolation,
+        state = dict(arch=arch, arch_kwargs=kwargs, **self.input.state(), probe=self.probe, C=self.C,
                      # a fine-tuned copy is what the stored support features and later predictions come from
                      backbone={k: v.detach().cpu() for k, v in (self.backbone if self.finetuned is None else self.finetuned).state_dict().items()},
                      # label values other than str or int are stored as str
@@ -223,10 +223,8 @@ class FewShotClassifier:
     @classmethod
     def _build(cls, st, path, probe, device, **kw):
         "An unfitted classifier from checkpoint `st`: the backbone rebuilt with its weights."
-        # checkpoints from before `image_size` was recorded load images straight at `size`
-        return cls(backbone_from_checkpoint(st, path).eval().to(device or 'cpu'), st['size'], st['mean'], st['std'], probe,
-                   arch=st['arch'], arch_kwargs=st['arch_kwargs'], image_size=st.get('image_size'),
-                   interpolation=st.get('interpolation', 'bilinear'), **kw)
+        return cls.from_input(backbone_from_checkpoint(st, path).eval().to(device or 'cpu'), InputSpec.from_state(st), probe,
+                              arch=st['arch'], arch_kwargs=st['arch_kwargs'], **kw)
 
     @classmethod
     def load(cls,

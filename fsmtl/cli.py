@@ -55,8 +55,8 @@ def _predict(args):
     if not queries: raise ValueError(f"{query} holds no images (judged by file extension): put the images to classify "
                                      "directly in it")
     clf = FewShotClassifier.from_checkpoint(args.checkpoint, probe=args.probe)
-    check_images(sum(files, []), clf.size)   # every bad example named at once, since the probe needs them all
-    bad = dict(unreadable_images(queries, clf.size))
+    check_images(sum(files, []), clf.input.size)   # every bad example named at once, since the probe needs them all
+    bad = dict(unreadable_images(queries, clf.input.size))
     for q, why in bad.items(): print(f"fsmtl predict: skipped {q}: cannot read it ({why})", file=sys.stderr)
     if not (queries := [q for q in queries if q not in bad]):
         raise ValueError(f"none of the {len(bad)} images in {query} could be read (each is named above): replace them")
@@ -75,9 +75,10 @@ _INTS = ('gpu', 'size', 'num_workers')
 
 def _option_flags(p, names):
     "A flag for each of the `train` options `names`, typed by its default."
-    from .train import OPTIONS
+    from .train import all_options
+    options = all_options()
     for name in names:
-        default, help = OPTIONS[name]
+        default, help = options[name]
         kw = dict(default=argparse.SUPPRESS, help=f"{help} (default: {default})")   # only flags given reach `train`
         if name == 'pretrained': kw.update(nargs='?', const=True, metavar='PATH')
         elif name == 'model_kwargs': kw.update(type=json.loads, metavar='JSON')
@@ -144,12 +145,12 @@ def main(argv=None):
     _flag(q, 'out', metavar='CSV', help='also write the predictions here, as file,label,probability')
     q.set_defaults(run=_predict)
     from .domains import add_domain_flags
-    from .train import OPTIONS
+    from .train import all_options
     t = sub.add_parser('train', help='train a backbone (multi-task learning, pretraining or a meta-learner) and test it',
                        description='Train a backbone by multi-task learning (--algorithm mtl, the default), pretraining or a '
                                    'meta-learner, then test its best checkpoint on 5-way 1- and 5-shot episodes. Flags are '
                                    'those of the original code, with underscores or hyphens.')
-    _option_flags(t, [k for k in OPTIONS if k != 'progress'])
+    _option_flags(t, [k for k in all_options() if k != 'progress'])
     t.set_defaults(run=_train)
     e = sub.add_parser('test', help="test a checkpoint's backbone on the test episodes, of its benchmark or of other domains",
                        description="Test the backbone of a checkpoint (best.pth, or a run folder) on 1- and 5-shot episodes "

@@ -11,7 +11,7 @@ from fastai.torch_core import default_device
 from .checkpoint import backbone_from_checkpoint, read_checkpoint
 from .data.benchmarks import get_benchmark, same_classes
 from .data.block import FINAL_SHOTS, episode_dl
-from .data.core import SPLITS, FewShotSplits, Split
+from .data.core import SPLITS, FewShotSplits, InputSpec, Split
 from .data.tasks import check_task_size, shot_counts
 from .data.torchvision_domains import DatasetItems, empty_split
 from .evaluate import evaluate
@@ -52,21 +52,17 @@ def domain_splits(
     own=None,           # the benchmark the backbone was trained on: its test classes are kept apart
     split=None,         # 'test': the benchmark's test classes; 'test_only': all its classes; None: 'test' for `own`
     download=False,     # download missing files (torchvision's datasets by torchvision)
-    model_input=None,   # the backbone's input: dict of `size` (side loaded), `mean`, `std`, `input_size`, `interpolation`
+    model_input: InputSpec | None = None,  # the backbone's input; None: the domain's own
 ) -> FewShotSplits:
     "The test classes of `domain`, its images as the backbone takes them."
     split = split or ('test' if same_classes(_name(domain), own) else 'test_only')
     if split not in ('test', 'test_only'): raise ValueError(f"split must be 'test' or 'test_only', not {split!r}")
     tv = isinstance(domain, str) and domain.lower().startswith('torchvision:')
     kwargs = dict(split='test_only' if split == 'test_only' else 'ratios') if tv else {}
-    if model_input and (tv or _name(domain).lower().startswith('folder:')): kwargs['size'] = model_input['size']
+    if model_input and (tv or _name(domain).lower().startswith('folder:')): kwargs['size'] = model_input.image_size
     splits = domain if isinstance(domain, FewShotSplits) else get_benchmark(domain, root=root, download=download, **kwargs)
     if split == 'test_only' and not tv: splits = _all_in_test(splits)
-    if not model_input: return splits
-    for s in SPLITS: splits[s].size = model_input['size']
-    return dataclasses.replace(splits, mean=tuple(model_input['mean']), std=tuple(model_input['std']),
-                               input_size=model_input.get('input_size'),
-                               interpolation=model_input.get('interpolation', 'bilinear'))
+    return splits.with_input(model_input) if model_input else splits
 
 
 class DomainResults(dict):
@@ -106,19 +102,15 @@ class DomainResults(dict):
         (folder / 'test_domains.md').write_text(self.table() + '\n')
 
 
+def _loaded_at(spec: InputSpec, size: int) -> InputSpec:
+    "`spec` with its images loaded at `size`: still resized to its model's side if it was, else taken at `size`."
+    return dataclasses.replace(spec, image_size=size, **({} if spec.resized else dict(size=size)))
+
+
 def _learner_input(learn) -> tuple:
     "The backbone of a `Learner` or model, the input it takes and the benchmark it learnt from."
     if not isinstance(learn, Learner): return learn, None, None
-    splits = learn.dls.splits
-    return learn.model, dict(size=splits.train.image_size(), mean=splits.mean, std=splits.std, input_size=splits.input_size,
-                             interpolation=splits.interpolation), splits.name
-
-
-def _checkpoint_input(st) -> dict:
-    "The input a checkpoint's backbone takes: the side its images were loaded at, its statistics, its model's side."
-    size = st.get('image_size') or st['size']
-    return dict(size=size, mean=st['mean'], std=st['std'], input_size=st['size'] if st['size'] != size else None,
-                interpolation=st.get('interpolation', 'bilinear'))
+    return learn.model, learn.dls.splits.input, learn.dls.splits.name
 
 
 def evaluate_domains(
@@ -134,7 +126,7 @@ def evaluate_domains(
     probe='logistic',          # the probe on the features: 'logistic' (= 'l2'), 'sklearn', 'proto', or a probe
     seed: int = 0,             # fixes the episodes
     download: bool = False,    # download missing files
-    model_input=None,          # a backbone's input (see `domain_splits`); None: the learner's or the checkpoint's
+    model_input: InputSpec | None = None,  # a backbone's input; None: the learner's or the checkpoint's
     device=None,               # where to run; None: the model's, or fastai's default for a checkpoint
     num_workers=None,          # loader processes; None: 0 for in-memory data, else all cores
     progress: bool = True,     # show progress bars
@@ -147,7 +139,7 @@ def evaluate_domains(
         p = Path(learn_or_checkpoint).expanduser()
         st = read_checkpoint(p, prefer='best')
         model, own = backbone_from_checkpoint(st, p), (st.get('config') or {}).get('dataset')
-        model_input = model_input or _checkpoint_input(st)
+        model_input = model_input or InputSpec.from_state(st)
     else:
         model, learnt, own = _learner_input(learn_or_checkpoint)
         model_input = model_input or learnt
@@ -186,7 +178,7 @@ def evaluate_checkpoint_domains(
                             episodes=cfg['final_test_epoch_length'], bscd=bscd, split=split,
                             probe=get_probe(cfg['test_method'], cfg['test_l2']), seed=cfg['seed'], download=download,
                             device=_device(cfg['gpu']), num_workers=cfg['num_workers'], progress=cfg['progress'],
-                            model_input=dict(_checkpoint_input(st), size=options['size']) if options.get('size') else None,
+                            model_input=_loaded_at(InputSpec.from_state(st), options['size']) if options.get('size') else None,
                             out=p if p.is_dir() else p.parent)
 
 

@@ -1,5 +1,6 @@
-"The MTL model, its multi-task loss, optimisers by name and `mtl_learner`."
+"Optimisers by name, the resumable `MTLLearner`, and `mtl_learner`: the learner of any registered algorithm."
 from __future__ import annotations
+import dataclasses
 import math
 from functools import partial
 
@@ -7,8 +8,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
-from torch import nn
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import ParamScheduler
@@ -19,83 +18,18 @@ from fastai.optimizer import SGD, Adam, OptimWrapper, RAdam
 from fastcore.basics import patch
 from fastcore.meta import delegates
 
+from .algorithms import algorithm_options, get_algorithm
 from .callbacks import AMP, DDPEarlyStopping, DDPReduceLROnPlateau, EpisodicEval, StopOnNaN, TaskAccuracy
 from .data.core import FewShotSplits, Split
-from .data.tasks import by_class, local_labels
 from .ddp import MTLDistributedTrainer
 from .distributed import rank, world
+from .heads import MTLModel
 from .models import create_backbone
 from .pretrained import FrozenEpochs, follow_input, input_config, mtl_splitter
 from .progress import interactive
 from .runlog import EpochTable
 
-__all__ = ['MTLModel', 'MultiTaskLoss', 'BaseClassLoss', 'OPTIMIZERS', 'TORCH_OPTIMIZER', 'get_opt', 'MTLLearner', 'InputOnly', 'mtl_learner', 'plateau_cbs', 'step_sched']
-
-
-class MTLModel(nn.Module):
-    "A backbone and a bias-free head with one row per base class."
-    # it gives the logits of every base class for each image
-    def __init__(self,
-                 backbone: nn.Module,               # maps images to (N, num_features) features
-                 num_features: int,                 # the backbone's feature size
-                 n_base: int,                       # base (training) classes: rows of the head
-                 ways: int = 5,                     # classes in a training task, for the original head's scale
-                 norm_train_features: bool = False,  # L2-normalise features before the head
-                 original_head: bool = False):      # the original code's random head, else zeros
-        super().__init__()
-        self.backbone, self.norm_train_features = backbone, norm_train_features
-        head = torch.zeros(n_base, num_features)
-        # zeros: every task starts at chance, loss ln(ways). The original code's kaiming-uniform times sqrt(n_base/ways)
-        # starts unnormalised features at a loss several times that, and training stalled there (README, the MTL study)
-        if original_head: head = nn.init.kaiming_uniform_(head, a=math.sqrt(5)) * math.sqrt(n_base / ways)
-        self.head = nn.Parameter(head)
-
-    def features(self, x):  # images (N, C, H, W)
-        "The features the head sees, L2-normalised if `norm_train_features`."
-        f = self.backbone(x)
-        return F.normalize(f, dim=-1) if self.norm_train_features else f
-
-    def forward(self, x):  # images (N, C, H, W)
-        "Scores (N, n_base) of every base class: the features times the head."
-        return F.linear(self.features(x), self.head)
-
-
-class MultiTaskLoss(nn.Module):
-    "The mean cross-entropy of each task over its own classes."
-    # the mean over the batch's tasks, against labels local to each task
-    def __init__(self,
-                 ways: int,        # classes in a task
-                 per_class: int):  # images per class in a task (shots + queries)
-        super().__init__()
-        self.ways, self.per_class = ways, per_class
-
-    def task_logits(self,
-                    logits,  # scores (N, n_base) of the batch's images
-                    y):      # their global class ids, task-major and class-major
-        "Each image's logits (N, ways) and label within its own task."
-        y = y.as_subclass(torch.Tensor).long()
-        n = self.ways * self.per_class
-        if len(y) % n: raise ValueError(f"a batch of {len(y)} images is not whole tasks of {self.ways} x {self.per_class}")
-        classes = by_class(y, self.ways, self.per_class)[:, :, 0]                 # (T, ways), in the task's order
-        per_task = logits.as_subclass(torch.Tensor).view(len(classes), n, -1)       # (T, ways*per_class, n_base)
-        own = per_task.gather(2, classes[:, None, :].expand(-1, n, -1)).flatten(0, 1)
-        return own, local_labels(y, self.ways, self.per_class).long()
-
-    def forward(self, logits, y):
-        # tasks have equal sizes, so the mean over all images is the mean over tasks of each task's mean
-        return F.cross_entropy(*self.task_logits(logits, y))
-
-
-class BaseClassLoss(nn.Module):
-    "Cross-entropy of one softmax over all base classes: pretraining, as Baseline++ and RFS train."
-    def task_logits(self,
-                    logits,  # scores (N, n_base) of the batch's images
-                    y):      # their global class ids
-        "The logits over all base classes and the global labels."
-        # `task_acc` is then the accuracy over all base classes
-        return logits.as_subclass(torch.Tensor), y.as_subclass(torch.Tensor).long()
-
-    def forward(self, logits, y): return F.cross_entropy(*self.task_logits(logits, y))
+__all__ = ['OPTIMIZERS', 'TORCH_OPTIMIZER', 'get_opt', 'MTLLearner', 'InputOnly', 'mtl_learner', 'meta_learner', 'plateau_cbs', 'step_sched']
 
 
 # The original code's optimiser names. fastai's decouple_wd=False is torch's L2 weight decay, True the decoupled (AdamW) kind;
@@ -185,12 +119,11 @@ class InputOnly(DataLoaders):
     @classmethod
     def of(cls, dls):  # DataLoaders from `mtl_dls`
         "The input of `dls`, without images."
-        # its `splits`' size, mean, std and interpolation
-        s = dls.splits
-        empty = lambda: Split(np.zeros((0, s.train.image_size(), s.train.image_size(), 3), np.uint8), [], [])
+        # its `splits`' `InputSpec`
+        s, i = dls.splits, dls.splits.input
+        empty = lambda: Split(np.zeros((0, i.image_size, i.image_size, 3), np.uint8), [], [])
         res = cls(path=dls.path, device=dls.device)
-        res.splits = FewShotSplits(s.name, empty(), empty(), empty(), tuple(s.mean), tuple(s.std),
-                                   input_size=s.input_size, interpolation=s.interpolation)
+        res.splits = FewShotSplits(s.name, empty(), empty(), empty()).with_input(i)
         return res
 
     def new_empty(self):
@@ -269,9 +202,8 @@ def plot_episodic(self: Recorder,
 def mtl_learner(dls,                          # DataLoaders from `mtl_dls`
                 arch: str = 'resnet12',       # a timm architecture (fsmtl registers resnet12)
                 pretrained=False,             # True: timm's hub weights; a path: a local weights file
-                norm_train_features: bool = False,  # L2-normalise features before the head in training
-                original_head: bool = False,  # the original code's random head; False: zeros (loss starts at ln(ways))
-                all_classes: bool = False,    # one softmax over all base classes (`pretrain`), not each task's own
+                algorithm='mtl',              # a name of `ALGORITHMS` or an `Algorithm`: its model and loss
+                shots: int | None = None,     # support images of a class in a training task; None: the `train_shots` of `mtl_dls`
                 opt='radam',                  # an optimiser name of `OPTIMIZERS`, or a fastai optimiser function
                 lr: float = 1e-3,             # learning rate
                 wd: float = 0.,               # weight decay
@@ -286,30 +218,43 @@ def mtl_learner(dls,                          # DataLoaders from `mtl_dls`
                 std=None,                     # per-channel std; None: the pretrained model's, else the benchmark's
                 interpolation: str | None = None,  # filter of the batch resize; None: the pretrained model's, else bilinear
                 train_bn: bool = True,        # train batch-norm layers of a frozen backbone (False also keeps their statistics)
-                **kwargs                      # passed to fastai's `Learner`
+                **kwargs                      # options of the algorithm (norm_train_features, adaptation_lr ...), the rest to fastai's `Learner`
                 ) -> MTLLearner:              # call `fit_one_cycle`, `fine_tune`, `fit_plateau`, `evaluate` ... on it
-    "A fastai `Learner` training a backbone by multi-task learning, scored by `episodic_acc`."
+    "A fastai `Learner` training a backbone by `algorithm` (MTL by default), scored by `episodic_acc`."
     splits = getattr(dls, 'splits', None)
     if splits is None: raise ValueError("mtl_learner needs DataLoaders made by mtl_dls (they carry dls.splits)")
+    train = dls.train
+    shots = getattr(dls, 'train_shots', None) if shots is None else shots
+    if shots is None: raise ValueError("give shots=, the support images of a class in a training task")
+    queries = train.per_class - shots
+    known = algorithm_options()
+    algo = get_algorithm(algorithm, **{k: kwargs.pop(k) for k in list(kwargs) if k in known})
+    algo.check(shots, queries)
     opt_func = opt if callable(opt) else get_opt(opt)
     if precision not in ('fp32', 'fp16', 'bf16'): raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
     backbone, nf = create_backbone(arch, pretrained, **(arch_kwargs or {}))
-    given = dict(size=size, mean=mean, std=std, interpolation=interpolation)
-    if pretrained: follow_input(dls, **input_config(backbone, **given))
-    elif any(v is not None for v in given.values()):
-        follow_input(dls, size or splits.size, mean or splits.mean, std or splits.std, interpolation or splits.interpolation)
-    train = dls.train
-    model = MTLModel(backbone, nf, splits.train.n_classes, train.ways, norm_train_features, original_head)
+    given = {k: v for k, v in dict(size=size, mean=mean, std=std, interpolation=interpolation).items() if v is not None}
+    if pretrained: follow_input(dls, input_config(backbone, splits.train.image_size(), **given))
+    elif given: follow_input(dls, dataclasses.replace(splits.input, **given))
+    model = algo.model(backbone, nf, splits.train.n_classes, train.ways, shots, queries)
     extra = [EpisodicEval(every=eval_every, shots=dls.test_shots, probe=probe), TaskAccuracy(), StopOnNaN()]
     if precision != 'fp32': extra.append(AMP(precision))
     if channels_last: extra.append(ChannelsLast())
     # fastai's convention: a frozen backbone's batch-norm layers train, unless train_bn=False, which also keeps their statistics
     if not train_bn: extra.append(BnFreeze())
-    loss = BaseClassLoss() if all_classes else MultiTaskLoss(train.ways, train.per_class)
-    learn = MTLLearner(dls, model, loss_func=loss, opt_func=opt_func, lr=lr, wd=wd,
+    learn = MTLLearner(dls, model, loss_func=algo.loss(train.ways, shots, queries), opt_func=opt_func, lr=lr, wd=wd,
                        splitter=mtl_splitter, train_bn=train_bn, cbs=extra + list(cbs or []), **kwargs)
     if not interactive() and hasattr(learn, 'progress'):
         # bars redrawn into a file or a scheduler's log are noise: there, the epoch table alone
         learn.remove_cb(learn.progress)
         learn.add_cb(EpochTable())
     return learn
+
+
+@delegates(mtl_learner)
+def meta_learner(dls,                          # DataLoaders from `mtl_dls`
+                 algorithm='protonet',         # a name of `ALGORITHMS` or an `Algorithm`
+                 **kwargs                      # its options (adaptation_lr, svm_C ...) and `mtl_learner`'s: arch, opt, lr, probe ...
+                 ) -> MTLLearner:
+    "`mtl_learner` training by a meta-learning `algorithm` on the same task batches."
+    return mtl_learner(dls, algorithm=algorithm, **kwargs)

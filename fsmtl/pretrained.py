@@ -1,23 +1,23 @@
 "A pretrained backbone's own input, a splitter over timm's stages, frozen first epochs."
 from __future__ import annotations
-import dataclasses
-
 from fastai.callback.core import Callback
 from fastai.learner import Recorder
 from fasttransform import Pipeline
 from torch import nn
 
+from .data.core import InputSpec
 from .data.transforms import lee19_tfms
 
 __all__ = ['input_config', 'follow_input', 'mtl_splitter', 'FrozenEpochs']
 
 
 def input_config(backbone: nn.Module,             # a timm model (pretrained or not)
+                 image_size: int,                 # side the data's images are loaded at
                  size: int | None = None,         # the user's side of the input; None: the model's
                  mean=None,                       # the user's per-channel mean; None: the model's
                  std=None,                        # the user's per-channel std; None: the model's
                  interpolation: str | None = None  # the user's resize filter; None: the model's
-                 ) -> dict:                       # size, mean, std, interpolation
+                 ) -> InputSpec:
     "The input `backbone` was pretrained on, overridden by the user's."
     from timm.data import resolve_model_data_config
     cfg = resolve_model_data_config(backbone)
@@ -27,24 +27,15 @@ def input_config(backbone: nn.Module,             # a timm model (pretrained or 
     out = {k: model[k] if v is None else v for k, v in given.items()}
     # timm also names 'bilinear'/'bicubic' filters that torch's batch resize lacks ('random', 'lanczos' ...)
     if out['interpolation'] not in ('bilinear', 'bicubic', 'nearest'): out['interpolation'] = 'bicubic'
-    out['mean'], out['std'] = tuple(float(m) for m in out['mean']), tuple(float(s) for s in out['std'])
-    return out
+    return InputSpec(image_size=image_size, **out)
 
 
-def follow_input(dls,                            # DataLoaders from `mtl_dls`
-                 size: int,                      # side of the images the model takes
-                 mean,                           # per-channel mean of images in 0..1
-                 std,                            # per-channel std of images in 0..1
-                 interpolation: str = 'bilinear'):  # the filter of the batch resize
-    "Serve `dls`'s batches at `size`, normalised by `mean` and `std`."
-    # resized per batch on the device
-    s = dls.splits
-    # a new `FewShotSplits` over the same images: other DataLoaders built on the old one keep their input
-    dls.splits = dataclasses.replace(s, mean=tuple(mean), std=tuple(std), input_size=int(size), interpolation=interpolation)
-    stored = s.train.image_size()
+def follow_input(dls,             # DataLoaders from `mtl_dls`
+                 spec: InputSpec): # the input the model takes; its `image_size` is the one the images are loaded at
+    "Serve `dls`'s batches as `spec`: resized per batch on the device, normalised by its statistics."
+    dls.splits = dls.splits.with_input(spec)
     for dl in dls.loaders:
-        dl.after_batch = Pipeline(lee19_tfms(stored, mean, std, augment=True, input_size=int(size),
-                                             interpolation=interpolation), split_idx=getattr(dl.dataset, 'split_idx', None))
+        dl.after_batch = Pipeline(lee19_tfms(spec, augment=True), split_idx=getattr(dl.dataset, 'split_idx', None))
     return dls
 
 

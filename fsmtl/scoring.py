@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 
 from .data.tasks import EpisodeDL, position_labels, shot_counts, support_query
 from .distributed import gather_episodes, shard_episodes, unwrap
@@ -11,7 +12,7 @@ from .features import extract_features
 from .probe import get_probe
 from .progress import with_bar
 
-__all__ = ['Scorer', 'ProbeScorer', 'NativeScorer', 'score_episodes', 'EvalResult', 'EvalResults', 'ci95']
+__all__ = ['Scorer', 'ProbeScorer', 'EpisodicModel', 'NativeScorer', 'score_episodes', 'EvalResult', 'EvalResults', 'ci95']
 
 
 class Scorer:
@@ -94,15 +95,29 @@ class ProbeScorer(Scorer):
         return super().result()
 
 
+class EpisodicModel(nn.Module):
+    "A model with an episodic head of its own: `predict_episodes`."
+    # it predicts each episode's queries from that episode's support
+    def predict_episodes(self,
+                         x,                  # images of whole episodes, class-major, supports first
+                         ways: int,          # classes in an episode
+                         per_class: int,     # images per class in an episode
+                         queries: int,       # the last `queries` of each class are its queries
+                         shots=(1, 5),       # shot counts; each uses the first supports of each class
+                         chunk: int = 256):  # images per forward pass
+        "Predicted classes (E, ways*queries) of each episode's queries, by shot count."
+        raise NotImplementedError
+
+
 class NativeScorer(Scorer):
     "A meta-learner's own head (prototypes, ridge, SVM, MAML's adaptation) on each episode."
     # the model's `predict_episodes` gives the predicted classes of the queries of each shot count
     def __init__(self,
-                 model,              # a model of `meta_model`, which has `predict_episodes`
+                 model,              # an `EpisodicModel`: a meta-learner's, which has `predict_episodes`
                  shots=(1, 5),       # shot counts; each uses the first supports of each class
                  chunk: int = 256):  # images a forward pass
         super().__init__(unwrap(model), shots, chunk)
-        if not hasattr(self.model, 'predict_episodes'):
+        if not isinstance(self.model, EpisodicModel):
             raise ValueError("test_method='native' tests a meta-learner's own head: train with algorithm protonet, metaoptnet, "
                              "r2d2, anil or maml, or use a probe (l2, sklearn, proto)")
 

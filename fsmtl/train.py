@@ -14,30 +14,31 @@ import pandas as pd
 import torch
 from fastai.torch_core import default_device, set_seed
 
-from .algorithms import SOFTMAX_ALGORITHMS, check_meta, meta_learner, meta_model
-from .checkpoint import Checkpoints, backbone_from_checkpoint, load_weights, own_rng_state, read_checkpoint
+from .algorithms import algorithm_options, get_algorithm
+from .checkpoint import Checkpoints, backbone_from_checkpoint, load_run_weights, read_checkpoint
 from .data.block import FINAL_SHOTS, mtl_dls
 from .data.benchmarks import get_benchmark
+from .data.core import InputSpec
 from .data.tasks import shot_counts
 from .distributed import broadcast_object, init_distributed, is_main, local_batch, rank, rank_seed, world
 from .evaluate import evaluate
-from .learner import get_opt
+from .learner import get_opt, mtl_learner
 from .files import RunLock
 from .pretrained import FrozenEpochs
-from .probe import get_probe
 from .runlog import RunCSVLogger, quiet, tensorboard_cb, wandb_cb, write_json
 from .runs import check_unused, resume_hint, resume_source, resumed_config, run_folder
 from .scoring import EvalResults
 
 __all__ = ['OPTIONS', 'SCHEDULERS', 'RECIPES', 'recipe_command', 'TrainResult', 'train', 'evaluate_checkpoint']
 
-# Every option of `train` and of `fsmtl train`, under the original code's names: name -> (default, help).
+# The options of `train` and of `fsmtl train` that every algorithm shares, under the original code's names: name -> (default,
+# help). Each algorithm of the registry adds its own (`all_options`).
 OPTIONS = {
     'dataset': ('glyphs', 'benchmark: glyphs (embedded), glyphs-small (its 20 images a class), cifarfs, fc100, mini-imagenet, tiered-imagenet, or folder'),
     'root': ('~/data', 'folder of the benchmarks (for folder: your folder of class folders)'),
     'log_dir': ('runs', 'runs are written to a folder in here: checkpoints, history.csv, config.json, results.json'),
     'run_name': (None, 'name of the run folder; default: dataset-model-date-time'),
-    'algorithm': ('mtl', 'mtl, pretrain (one softmax over all base classes), or a meta-learner: protonet, metaoptnet, r2d2, anil, maml (support: the first train_shots per class)'),
+    'algorithm': ('mtl', 'a name of the registry: mtl, pretrain (one softmax over all base classes), or a meta-learner: protonet, metaoptnet, r2d2, anil, maml (support: the first train_shots per class)'),
     'model': ('resnet12', 'backbone: resnet12 or any timm architecture name'),
     'model_kwargs': (None, 'keyword arguments of the architecture (timm.create_model), a dict'),
     'pretrained': (False, 'True: timm hub weights; a path: a local weights file. Images then get the model\'s size, mean and std'),
@@ -45,9 +46,6 @@ OPTIONS = {
     'gpu': (None, 'CUDA device number; None: the GPU when there is one; without CUDA training falls back to the CPU'),
     'sync_bn': (False, 'several GPUs: BatchNorm statistics over the batches of all processes (SyncBatchNorm)'),
     'seed': (0, 'seeds the initialisation and the training tasks, and fixes the validation and test episodes'),
-    'norm_train_features': (False, 'L2-normalise features before the head in training'),
-    'original_head': (False, 'mtl: the original code\'s random head (kaiming-uniform times sqrt(base classes / train_ways)); '
-                             'default: zeros, every task starting at chance'),
     'train_ways': (5, 'classes in a training task'),
     'train_shots': (5, 'support images per class in a training task'),
     'train_queries': (5, 'query images per class in a training task (MTL uses shots + queries alike)'),
@@ -81,15 +79,14 @@ OPTIONS = {
     'baseline': (False, 'also test the untrained backbone on the same episodes, to show the gain'),
     'num_workers': (None, 'loader processes; None: 0 for in-memory benchmarks, else all cores'),
     'progress': (True, 'progress bars and the epoch table'),
-    'adaptation_steps': (1, 'maml, anil: gradient steps on each task\'s support'),
-    'adaptation_lr': (0.5, 'maml, anil: learning rate of those steps (learn2learn\'s fast_lr)'),
-    'first_order': (False, 'maml, anil: first-order approximation (no gradient through the adaptation)'),
-    'svm_C': (0.1, 'metaoptnet: C of the SVM head'),
-    'svm_max_iters': (15, 'metaoptnet: iterations of the SVM\'s QP solver'),
-    'ridge_lambda': (50., 'r2d2: L2 weight of the ridge regression head'),
 }
-META_OPTIONS = ('adaptation_steps', 'adaptation_lr', 'first_order', 'svm_C', 'svm_max_iters', 'ridge_lambda')
 SCHEDULERS = ('plateau', 'step', 'one_cycle')
+
+
+def all_options() -> dict:
+    "Every option of `train` and `fsmtl train`: the shared `OPTIONS`, then the registered algorithms' own."
+    return {**OPTIONS, **algorithm_options()}
+
 
 # The original code's published recipes (ResNet-12, `--algorithm mtl`), each with the 5-way test accuracy (%, mean ±
 # 95% CI) the paper reports for it: `train(r['dataset'], **r['options'])` or `fsmtl train` with `recipe_command(r)`.
@@ -140,12 +137,13 @@ class TrainResult:
 def _options(given: dict, base: dict | None = None) -> dict:
     "The full configuration: the defaults, updated by `base`, then by `given`."
     # `base`: a resumed run's configuration
-    unknown = [k for k in given if k not in OPTIONS]
+    options = all_options()
+    unknown = [k for k in given if k not in options]
     if unknown:
-        hints = {k: difflib.get_close_matches(k, OPTIONS, 1) for k in unknown}
+        hints = {k: difflib.get_close_matches(k, options, 1) for k in unknown}
         raise TypeError("unknown option(s): " + ', '.join(f"{k}" + (f" (did you mean {h[0]}?)" if h else '')
                                                            for k, h in hints.items()))
-    cfg = {k: v for k, (v, _) in OPTIONS.items()}
+    cfg = {k: v for k, (v, _) in options.items()}
     cfg.update(base or {})
     cfg.update(given)
     return cfg
@@ -180,8 +178,8 @@ def _check(cfg):
         raise ValueError(f"unknown scheduler {cfg['scheduler']!r}: use one of {', '.join(SCHEDULERS)}")
     if cfg['fp16'] and cfg['bf16']: raise ValueError("choose fp16 or bf16, not both")
     _check_numbers(cfg, [*_LEAST, *_POSITIVE])
-    check_meta(cfg['algorithm'], cfg['train_shots'], cfg['train_queries'], cfg['adaptation_steps'], cfg['adaptation_lr'],
-               cfg['svm_C'], cfg['svm_max_iters'], cfg['ridge_lambda'], cfg['norm_train_features'])
+    algo = _algorithm(cfg)
+    algo.check(cfg['train_shots'], cfg['train_queries'])
     if cfg['train_shots'] + cfg['train_queries'] < 1:
         raise ValueError("train_shots + train_queries must be at least 1: MTL trains on the shots and queries of each class alike")
     if cfg['epoch_length'] < cfg['meta_batch_size']:
@@ -194,16 +192,15 @@ def _check(cfg):
         raise ValueError(f"model_kwargs must be keyword arguments of the architecture, a dict (a JSON object at the shell, "
                          f"e.g. '{{\"channels\": [64, 160, 320, 640]}}'), got {cfg['model_kwargs']!r}")
     if cfg['decay_rate'] > 1: raise ValueError(f"decay_rate multiplies the learning rate, so it is at most 1, got {cfg['decay_rate']}")
-    if cfg['test_method'] == 'native' and cfg['algorithm'] in SOFTMAX_ALGORITHMS:
-        raise ValueError(f"test_method native is a meta-learner's own head: with algorithm {cfg['algorithm']} use l2, sklearn or proto")
-    _val_probe(cfg)
+    algo.test_probe(cfg['test_method'], cfg['test_l2'])
+    algo.val_probe(cfg['test_method'], cfg['test_l2'])
     get_opt(cfg['optim'])
     local_batch(cfg['meta_batch_size'])
 
 
-def _val_probe(cfg):
-    "The probe of the validation episodes: the test's, or l2 for a native test."
-    return get_probe('l2' if cfg['test_method'] == 'native' else cfg['test_method'], cfg['test_l2'])
+def _algorithm(cfg):
+    "The configuration's algorithm, with its options."
+    return get_algorithm(cfg['algorithm'], **{k: cfg[k] for k in algorithm_options()})
 
 
 def _device(gpu):
@@ -236,19 +233,12 @@ def _dls(cfg, device):
                    num_workers=cfg['num_workers'], device=device)
 
 
-def _load_weights(model, st, source, head: bool = True):
-    "Put checkpoint `st`'s backbone (and head, when it fits) into `model`."
-    load_weights(model.backbone, st['backbone'], source)
-    if head and 'head' in st and st['head'].shape == model.head.shape:
-        with torch.no_grad(): model.head.copy_(st['head'])
-
-
 def _final_test(model, source, cfg, progress) -> EvalResults:
     "The final test: 1- and 5-shot (and `test_shots`) on the test episodes (`source`'s own, or drawn from it)."
     shots = tuple(shot_counts([*FINAL_SHOTS, cfg['test_shots']]))
     episodes = dict(ways=cfg['test_ways'], queries=cfg['test_queries'], episodes=cfg['final_test_epoch_length'],
                     seed=cfg['seed'], progress=progress)
-    probe = 'native' if cfg['test_method'] == 'native' else get_probe(cfg['test_method'], cfg['test_l2'])
+    probe = _algorithm(cfg).test_probe(cfg['test_method'], cfg['test_l2'])
     return evaluate(model, source, 'test', shots=shots, probe=probe, **episodes)
 
 
@@ -259,8 +249,7 @@ def _configure(given: dict):
         _check(cfg)
         return cfg, None, run_folder(cfg)   # a new run resumes nothing
     folder = resume_source(_options(given))
-    resumed = read_checkpoint(folder, prefer='last')
-    own_rng_state(resumed)   # on as many processes as the run had, before any work
+    resumed = Checkpoints.read_last(folder)
     cfg = resumed_config(given, _options({}, resumed['config']), folder, resumed['epoch'])
     _check(cfg)
     return cfg, resumed, folder
@@ -268,23 +257,24 @@ def _configure(given: dict):
 
 def _learner(cfg, device):
     "The DataLoaders and the learner of the configuration's algorithm."
-    algo = dict(algorithm=cfg['algorithm'], shots=cfg['train_shots'], **{k: cfg[k] for k in META_OPTIONS})
-    learn = meta_learner(_dls(cfg, device), **algo, arch=cfg['model'], pretrained=cfg['pretrained'],
-                         norm_train_features=cfg['norm_train_features'], original_head=cfg['original_head'],
-                         opt=cfg['optim'], lr=cfg['lr'], wd=cfg['weight_decay'], arch_kwargs=cfg['model_kwargs'],
-                         probe=_val_probe(cfg), precision='fp16' if cfg['fp16'] else 'bf16' if cfg['bf16'] else 'fp32',
-                         channels_last=cfg['channels_last'], size=cfg['size'] if cfg['pretrained'] else None)
+    algo = _algorithm(cfg)
+    learn = mtl_learner(_dls(cfg, device), arch=cfg['model'], pretrained=cfg['pretrained'], algorithm=algo,
+                        shots=cfg['train_shots'], opt=cfg['optim'], lr=cfg['lr'], wd=cfg['weight_decay'],
+                        arch_kwargs=cfg['model_kwargs'], probe=algo.val_probe(cfg['test_method'], cfg['test_l2']),
+                        precision='fp16' if cfg['fp16'] else 'bf16' if cfg['bf16'] else 'fp32',
+                        channels_last=cfg['channels_last'], size=cfg['size'] if cfg['pretrained'] else None)
     if cfg['freeze_epochs']: learn.add_cb(FrozenEpochs(cfg['freeze_epochs']))
     return learn if cfg['progress'] else quiet(learn)   # progress bars as asked
 
 
-def _loggers(cfg, run_dir, resumed) -> list:
+def _loggers(cfg, run_dir, start: int) -> list:
     "The run's log callbacks (CSV history, TensorBoard, wandb); writes config.json."
     if cfg['no_log'] or not is_main(): return []   # none with `no_log`, or on ranks but 0
     # wandb first: when it cannot start, the run stops before it has written anything
     wandb = [wandb_cb(run_dir, _json_config(cfg), run_dir.name)] if cfg['wandb'] else []
     write_json(_json_config(cfg), run_dir / 'config.json')
-    cbs = [RunCSVLogger(run_dir / 'history.csv', append=resumed is not None, keep=resumed['epoch'] if resumed else 0)]
+    # a resumed run's history.csv keeps its rows of the epochs before `start`
+    cbs = [RunCSVLogger(run_dir / 'history.csv', append=start > 0, keep=start)]
     if (tb := tensorboard_cb(run_dir / 'tensorboard')) is not None: cbs.append(tb)
     return cbs + wandb
 
@@ -303,14 +293,6 @@ def _fit(learn, cfg, start: int, cbs):
                               start_epoch=start)
 
 
-def _history(learn, resumed) -> pd.DataFrame:
-    "The history of every epoch: the learner's, else the checkpoint's."
-    # the checkpoint's when nothing was left to train
-    if hasattr(learn.recorder, 'metric_names'): return learn.recorder.history()
-    names = [n for n in (resumed or {}).get('metric_names', ['epoch'])[1:] if n != 'time']
-    return pd.DataFrame((resumed or {}).get('history', []), columns=names).rename_axis('epoch')
-
-
 def _write_results(res: TrainResult):
     "results.json of the run: the best epoch, the time of each stage and the test accuracies."
     summary = lambda rs, n=False: {f'{s}shot': dict(mean=r.mean, ci95=r.ci95, **({'episodes': len(r.accs)} if n else {}))
@@ -320,7 +302,7 @@ def _write_results(res: TrainResult):
 
 
 def train(dataset: str | None = None,  # a benchmark name; None: glyphs, or a resumed run's
-          **options                    # any of `OPTIONS`, by the original code's names
+          **options                    # any of `all_options()`, by the original code's names
           ) -> TrainResult:            # the learner, its history and the test results
     "Train a backbone, then test its best checkpoint."
     # by multi-task learning, or by `algorithm`; the test: 1- and 5-shot episodes, mean ± 95% CI
@@ -345,29 +327,23 @@ def _train_in(cfg, resumed, run_dir) -> TrainResult:
     # the same initial weights on every process, then each its own training tasks and augmentation
     if resumed is None and world() > 1: set_seed(rank_seed(cfg['seed'], rank()))
     dls, model = learn.dls, learn.model
-    if cfg['load_path'] and resumed is None: _load_weights(model, read_checkpoint(cfg['load_path']), cfg['load_path'])
+    if cfg['load_path'] and resumed is None: load_run_weights(model, read_checkpoint(cfg['load_path']), cfg['load_path'])
     splits = dls.splits
-    meta = dict(arch=cfg['model'], arch_kwargs=dict(cfg['model_kwargs'] or {}), size=splits.size, mean=list(splits.mean),
-                std=list(splits.std), interpolation=splits.interpolation, image_size=splits.train.image_size(),
-                n_base=splits.train.n_classes,
-                norm_train_features=cfg['norm_train_features'], config=_json_config(cfg))
-    ckpt = Checkpoints(run_dir, meta, resume=resumed)
+    meta = dict(arch=cfg['model'], arch_kwargs=dict(cfg['model_kwargs'] or {}), **splits.input.state(),
+                n_base=splits.train.n_classes, norm_train_features=cfg['norm_train_features'], config=_json_config(cfg))
+    ckpt = Checkpoints(run_dir, meta, last=resumed)
     learn.add_cb(ckpt)
-    cbs = _loggers(cfg, run_dir, resumed)
+    cbs = _loggers(cfg, run_dir, ckpt.start_epoch)
     wandb_run = sys.modules['wandb'].run if cfg['wandb'] and not cfg['no_log'] and is_main() else None
     try:
         untrained = _final_test(model, dls, cfg, cfg['progress']) if cfg['baseline'] and resumed is None else None
-        if resumed is not None:
-            _load_weights(model, resumed, run_dir / 'last.pth')
-            learn.create_opt()
-            learn.opt.load_state_dict(resumed['opt'])
+        ckpt.resume()
         t1 = time.perf_counter()
-        _fit(learn, cfg, resumed['epoch'] if resumed else 0, cbs)
+        _fit(learn, cfg, ckpt.start_epoch, cbs)
         t2 = time.perf_counter()
-        best = broadcast_object(read_checkpoint(ckpt.best_path) if is_main() and ckpt.best_path.exists() else None)
-        if best is not None: _load_weights(model, best, ckpt.best_path)
+        best = ckpt.load_best(model)
         results = _final_test(model, dls, cfg, cfg['progress'])
-        res = TrainResult(learn, _history(learn, resumed), results, untrained, run_dir, best['epoch'] if best else None,
+        res = TrainResult(learn, ckpt.history(), results, untrained, run_dir, best['epoch'] if best else None,
                           dict(setup=t1 - t0, training=t2 - t1, test=time.perf_counter() - t2), cfg)
         if not cfg['no_log'] and is_main(): _write_results(res)
         if wandb_run is not None: wandb_run.summary.update({f'test_acc_{s}shot': r.mean for s, r in results.items()})
@@ -377,7 +353,7 @@ def _train_in(cfg, resumed, run_dir) -> TrainResult:
 
 
 def evaluate_checkpoint(load_path,  # a checkpoint file (best.pth, last.pth) or a run folder (its best.pth)
-                        **options   # options of `OPTIONS` that change the test (dataset, root, test_* ...)
+                        **options   # options of `all_options()` that change the test (dataset, root, test_* ...)
                         ) -> EvalResults:  # mean ± 95% CI of each shot count
     "The final test alone: a checkpoint's 1- and 5-shot accuracy (mean ± 95% CI)."
     options.pop('test_only', None)
@@ -386,18 +362,18 @@ def evaluate_checkpoint(load_path,  # a checkpoint file (best.pth, last.pth) or 
     # only the test's options are checked: testing needs neither the training optimiser nor its settings
     cfg = _options(options, st.get('config'))
     _check_numbers(cfg, _TEST_OPTIONS)
-    _val_probe(cfg)
+    algo = _algorithm(cfg)
+    algo.test_probe(cfg['test_method'], cfg['test_l2'])
     backbone = backbone_from_checkpoint(st, p / 'best.pth' if p.is_dir() else p)
     init_distributed()   # under torchrun, each process tests its share of the episodes
     splits = get_benchmark(cfg['dataset'], root=cfg['root'])
     if (size := _load_size(cfg)) is not None:   # as training loaded them
         for s in ('train', 'val', 'test'): splits[s].size = size
-    # a pretrained backbone's input (its size, mean and std), as its checkpoint records it
+    # a pretrained backbone's input (its size, mean and std), as its checkpoint records it, from the images as loaded
     if cfg['pretrained']:
-        splits = dataclasses.replace(splits, mean=tuple(st['mean']), std=tuple(st['std']), input_size=st['size'],
-                                     interpolation=st.get('interpolation', 'bilinear'))
-    if cfg['test_method'] == 'native':   # the algorithm's head around the backbone, with its trained weights
-        backbone = meta_model(cfg['algorithm'], backbone, backbone.num_features, cfg['train_ways'], cfg['train_shots'],
-                              cfg['train_queries'], **{k: cfg[k] for k in META_OPTIONS})
-        _load_weights(backbone, st, p)
-    return _final_test(backbone.to(_device(cfg['gpu'])), splits, cfg, cfg['progress'])
+        splits = splits.with_input(dataclasses.replace(InputSpec.from_state(st), image_size=splits.train.image_size()))
+    # the algorithm's model around the backbone, with its trained head: a native test scores by it, a probe by the backbone
+    model = algo.model(backbone, backbone.num_features, st.get('n_base', 1), cfg['train_ways'], cfg['train_shots'],
+                       cfg['train_queries'])
+    load_run_weights(model, st, p)
+    return _final_test(model.to(_device(cfg['gpu'])), splits, cfg, cfg['progress'])

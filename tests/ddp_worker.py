@@ -9,7 +9,7 @@ import torch
 from fastai.callback.core import Callback
 from fastai.torch_core import set_seed
 
-from fsmtl.algorithms import meta_model
+from fsmtl.algorithms import get_algorithm
 from fsmtl.data.block import mtl_dls
 from fsmtl.data.glyphs import SMALL_IMAGES, glyphs
 from fsmtl.distributed import init_distributed, rank, rank_seed
@@ -75,7 +75,7 @@ def parts(out, root):
 def native_model(algorithm, backbone):
     "The model of `algorithm` around `backbone`, its own weights seeded alike on every process."
     torch.manual_seed(1)
-    return meta_model(algorithm, backbone, CHANNELS[-1], 5, 2, 3, adaptation_lr=0.1, first_order=True)
+    return get_algorithm(algorithm, adaptation_lr=0.1, first_order=True).model(backbone, CHANNELS[-1], 64, 5, 2, 3)
 
 
 def fail(out, root):

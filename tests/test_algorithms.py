@@ -1,6 +1,7 @@
 "Meta-learners: heads and MAML steps against hand computations and scikit-learn; each trains on glyphs; clear errors."
 import dataclasses
 import importlib.util
+import json
 import math
 
 import numpy as np
@@ -12,13 +13,16 @@ from sklearn.linear_model import Ridge
 from sklearn.svm import LinearSVC
 from torch import nn
 
+import fsmtl.algorithms as A
 import fsmtl.train as T
-from fsmtl.algorithms import EpisodeLoss, FeatureHeadModel, MAMLModel, meta_learner, ridge_logits, svm_logits
 from fsmtl.cli import main
-from fsmtl.data.block import mtl_dls
 from fsmtl.classifier import FewShotClassifier
+from fsmtl.data.block import mtl_dls
 from fsmtl.data.core import Split
-from fsmtl.learner import BaseClassLoss, MTLModel, MultiTaskLoss
+from fsmtl.heads import (ANILModel, BaseClassLoss, EpisodeLoss, FeatureHeadModel, MAMLModel, MTLModel, MultiTaskLoss,
+                         ridge_logits, svm_logits)
+from fsmtl.learner import meta_learner
+from fsmtl.models import create_backbone
 from fsmtl.train import train
 from helpers import TEST_SEED, assert_gain
 
@@ -58,8 +62,8 @@ def test_protonet_loss_equals_a_hand_computation_in_value_and_gradient():
 def tiny_maml(head_only, first_order, dim=5, nf=4):
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Linear(dim, nf), nn.Tanh()).double()
-    return MAMLModel(backbone, nf, WAYS, SHOTS, QUERIES, adaptation_steps=1, adaptation_lr=0.5, first_order=first_order,
-                     head_only=head_only).double()
+    return (ANILModel if head_only else MAMLModel)(backbone, nf, WAYS, SHOTS, QUERIES, adaptation_steps=1, adaptation_lr=0.5,
+                                                  first_order=first_order).double()
 
 
 def hand_maml_loss(params, x, head_only, first_order, lr=0.5):
@@ -244,6 +248,7 @@ def native_protonet(backbone, splits):
     (dict(algorithm='protonet', train_queries=0), 'train_queries'),
     (dict(algorithm='protonet', train_queries=1000), 'shots \\+ queries'),
     (dict(algorithm='protonet', norm_train_features=True), 'norm_train_features'),
+    (dict(algorithm='maml', original_head=True), 'original_head is an option of algorithms mtl and pretrain only'),
     (dict(algorithm='mtl', test_method='native'), 'native'),
     (dict(algorithm='pretrain', test_method='native'), 'native'),
     (dict(algorithm='r2d2', ridge_lambda=0), 'ridge_lambda')])
@@ -268,3 +273,51 @@ def test_mtl_keeps_its_model_and_loss(glyph_splits):
     x, y = dls.one_batch()
     # the meta-learner scores the queries: 3 of each class of each task, over the task's 5 classes
     assert proto.model(x).shape == (2 * 5 * 3, 5) and proto.model.shots == 2
+
+
+class CosineModel(nn.Module):
+    "A toy algorithm's model: scaled cosine similarity of the features to one head row a base class."
+    def __init__(self, backbone, nf, n_base, scale):
+        super().__init__()
+        self.backbone, self.scale, self.head = backbone, scale, nn.Parameter(torch.randn(n_base, nf))
+    def forward(self, x): return self.scale * F.normalize(self.backbone(x), dim=-1) @ F.normalize(self.head, dim=-1).T
+
+
+class Cosine(A.Algorithm):
+    "A toy: cosine scores over all base classes, scaled by its own option."
+    name, about, options = 'cosine', 'a test of the registry', {'cosine_scale': (10., 'cosine: the scale of the scores')}
+    def model(self, backbone, nf, n_base, ways, shots, queries): return CosineModel(backbone, nf, n_base, self.cosine_scale)
+    def loss(self, ways, shots, queries): return BaseClassLoss()
+
+
+@pytest.fixture
+def cosine(monkeypatch):
+    "The registry with the toy algorithm `cosine` registered, for this test only."
+    monkeypatch.setattr(A, 'ALGORITHMS', dict(A.ALGORITHMS))
+    A.register_algorithm(Cosine)
+
+
+def tiny_run(root, tmp_path, **kw):
+    "Options of a one-epoch run of four tasks, on the narrowest ResNet-12."
+    return small(root, tmp_path, **dict(dict(model_kwargs=dict(channels=(8, 8, 8, 8)), epoch_length=4, val_epoch_length=2,
+                                             final_test_epoch_length=4, max_epochs=1, baseline=False), **kw))
+
+
+def test_a_registered_algorithm_trains_through_train_and_the_shell(cosine, glyph_root, tmp_path):
+    res = train(**tiny_run(glyph_root, tmp_path, algorithm='cosine', cosine_scale=4.))
+    model = res.learner.model
+    assert type(model) is CosineModel and model.scale == 4. and type(res.learner.loss_func) is BaseClassLoss
+    # its head trained: the best checkpoint's differs from the initial one drawn under the run's seed
+    set_seed(TEST_SEED)
+    head0 = A.get_algorithm('cosine').model(*create_backbone('resnet12', channels=(8, 8, 8, 8)), 250, 5, 5, 5).head
+    assert model.head.shape == head0.shape == (len(res.learner.dls.splits.train.classes), 8)
+    assert not torch.allclose(model.head, head0) and set(res.test) == {1, 5}
+    assert json.loads((res.run_dir / 'config.json').read_text())['cosine_scale'] == 4.
+    with pytest.raises(ValueError, match='native is a meta-learner'):
+        train(**tiny_run(glyph_root, tmp_path, algorithm='cosine', test_method='native'))
+    argv = ['train', *(f'--{k}={json.dumps(v) if isinstance(v, dict) else v}' for k, v in
+                       tiny_run(glyph_root, tmp_path, run_name='shell').items() if k not in ('progress', 'baseline'))]
+    assert main(argv + ['--algorithm', 'cosine', '--cosine-scale', '2.5']) == 0
+    config = json.loads((tmp_path / 'runs' / 'shell' / 'config.json').read_text())
+    assert config['algorithm'] == 'cosine' and config['cosine_scale'] == 2.5
+    assert json.loads((tmp_path / 'runs' / 'shell' / 'results.json').read_text())['test']['5shot']['episodes'] == 4

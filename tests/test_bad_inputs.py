@@ -8,7 +8,7 @@ import torch
 from fastai.learner import load_learner
 from PIL import Image
 
-from fsmtl.algorithms import meta_model
+from fsmtl.algorithms import get_algorithm
 from fsmtl.classifier import FewShotClassifier
 from fsmtl.cli import main
 from fsmtl.evaluate import evaluate
@@ -103,7 +103,7 @@ def test_fp16_on_a_cpu_warns_and_suggests_bf16():
 def test_the_native_test_draws_no_bar_into_a_pipe(glyph_splits, capfd):
     # 58 carriage returns for 200 episodes in a piped log
     backbone, nf = create_backbone('resnet12', **ARCH)
-    model = meta_model('protonet', backbone, nf, 5, 1, 1)
+    model = get_algorithm('protonet').model(backbone, nf, 64, 5, 1, 1)
     evaluate(model, glyph_splits, shots=1, queries=2, episodes=6, probe='native', progress=True)
     out, err = capfd.readouterr()
     assert '\r' not in out + err and '█' not in out + err

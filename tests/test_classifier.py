@@ -1,4 +1,5 @@
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,8 +8,10 @@ import torch
 from PIL import Image
 
 from fsmtl.classifier import FewShotClassifier, image_batch
+from fsmtl.data.core import InputSpec
 from fsmtl.data.images import image_files
 from fsmtl.cli import main
+from fsmtl.train import evaluate_checkpoint
 
 SIZE, MEAN, STD = 32, (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 ARCH, KW = 'resnet10t', dict(channels=(32, 64, 96, 128))
@@ -103,7 +106,7 @@ def test_inputs_agree(fitted, data, tmp_path):
              'float list': list(u8.double() / 255)}
     expected = by_hand(ims)
     for name, x in kinds.items():
-        np.testing.assert_allclose(image_batch(x, SIZE, MEAN, STD).numpy(), expected, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(image_batch(x, InputSpec(SIZE, MEAN, STD)).numpy(), expected, atol=1e-5, err_msg=name)
     feats = {name: fitted.features(x) for name, x in kinds.items()}
     preds = {name: fitted.predict(x) for name, x in kinds.items()}
     for name in kinds:
@@ -120,12 +123,12 @@ def test_resizes_and_converts(data, tmp_path):
     resized = np.asarray(Image.fromarray(big).resize((SIZE, SIZE), Image.BILINEAR))
     grey_resized = np.asarray(Image.fromarray(grey).resize((SIZE, SIZE), Image.BILINEAR))
     path = write([big], tmp_path)[0]
-    x = image_batch([big, path, Image.fromarray(big), rgba, torch.from_numpy(big).permute(2, 0, 1), grey], SIZE, MEAN, STD)
+    x = image_batch([big, path, Image.fromarray(big), rgba, torch.from_numpy(big).permute(2, 0, 1), grey], InputSpec(SIZE, MEAN, STD))
     assert x.shape == (6, 3, SIZE, SIZE) and x.dtype == torch.float32
     np.testing.assert_allclose(x[:5].numpy(), by_hand([resized] * 5), atol=1e-5)
     np.testing.assert_allclose(x[5].numpy(), by_hand([np.repeat(grey_resized[..., None], 3, -1)])[0], atol=1e-5)
     # a float tensor is resized in float: within a rounding step of the uint8 resize
-    xf = image_batch([torch.from_numpy(big).permute(2, 0, 1).float() / 255], SIZE, MEAN, STD)
+    xf = image_batch([torch.from_numpy(big).permute(2, 0, 1).float() / 255], InputSpec(SIZE, MEAN, STD))
     assert (xf - x[:1]).abs().max() <= 1 / 255 / min(STD) + 1e-5
     assert (xf - x[:1]).abs().max() > 0
 
@@ -143,7 +146,7 @@ def test_save_load_round_trip(fitted, data, tmp_path):
     ims = [im for im, _ in data[1]]
     p = fitted.predict_proba(ims)
     loaded = FewShotClassifier.load(path)
-    assert loaded.classes == fitted.classes and loaded.size == SIZE
+    assert loaded.classes == fitted.classes and loaded.input == fitted.input and loaded.input.size == SIZE
     np.testing.assert_array_equal(loaded.predict_proba(ims), p)
     fresh = FewShotClassifier.from_checkpoint(path)
     with pytest.raises(RuntimeError, match='fit'): fresh.predict(ims)
@@ -248,3 +251,17 @@ def test_cli_predict_bad_input(folders, tmp_path, capsys):
     assert code == 2 and 'No checkpoint file' in err and 'nothing.pt' in err
     code, err = run(root / 'support', tmp_path / 'nowhere')
     assert code == 2 and 'No folder' in err
+
+
+DATA = Path(__file__).parent / 'data'
+
+
+def test_a_checkpoint_written_by_earlier_code_is_read_back_with_its_input(glyph_root):
+    "A pretrained run's best.pth written before `InputSpec` (tests/data/make_main_run.py): the same input, features and test."
+    old, ref = DATA / 'main_run_best.pth', torch.load(DATA / 'main_run_features.pt')
+    clf = FewShotClassifier.from_checkpoint(old)
+    # as the file records it: loaded at 32, resized to 36 by resnet10t's bicubic filter, ImageNet's statistics
+    assert clf.input == InputSpec(36, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 32, 'bicubic')
+    torch.testing.assert_close(clf.features([im.numpy() for im in ref['images']]), ref['features'], rtol=0, atol=0)
+    res = evaluate_checkpoint(old, root=str(glyph_root), final_test_epoch_length=6, test_queries=2, progress=False)
+    assert {s: r.accs.tolist() for s, r in res.items()} == {s: a.tolist() for s, a in ref['test'].items()}

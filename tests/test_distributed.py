@@ -16,7 +16,7 @@ from fsmtl.checkpoint import read_checkpoint
 from fsmtl.cli import main
 from fsmtl.data.block import mtl_dls
 from fsmtl.evaluate import evaluate
-from fsmtl.learner import MTLModel, MultiTaskLoss
+from fsmtl.heads import MTLModel, MultiTaskLoss
 from fsmtl.models import create_backbone
 from fsmtl.train import evaluate_checkpoint
 from test_faults import TINY, env, finish, flags, rows, same_run

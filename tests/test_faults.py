@@ -221,12 +221,12 @@ def test_a_full_disk_names_the_file_and_keeps_the_last_good_checkpoint(glyph_roo
         if full.is_set(): raise OSError(errno.ENOSPC, 'No space left on device')
         real_fsync(fd)
     monkeypatch.setattr(fsmtl.files.os, 'fsync', fsync)
-    make = T.meta_learner
+    make = T.mtl_learner
     def filling(*a, **kw):
         learn = make(*a, **kw)
         learn.add_cb(type('Fill', (Callback,), dict(after_train=lambda self: full.set() if self.epoch == 1 else None))())
         return learn
-    monkeypatch.setattr(T, 'meta_learner', filling)
+    monkeypatch.setattr(T, 'mtl_learner', filling)
     with pytest.raises(OSError, match=r"no space left on .*run while writing (best|last)\.pth.*continue it with --resume"):
         train(**TINY | dict(root=glyph_root, log_dir=tmp_path, run_name='run', progress=False))
     run = tmp_path / 'run'

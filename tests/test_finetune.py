@@ -129,7 +129,7 @@ def test_summary_and_export_then_load_learner(weights, tmp_path):
     loaded.model.eval(); learn.model.eval()
     with torch.no_grad(): assert torch.equal(loaded.model.backbone(x), learn.model.backbone(x))
     clf = FewShotClassifier.from_learner(loaded)
-    assert (clf.size, clf.mean, clf.std) == (40, list(dls.splits.mean), list(dls.splits.std))
+    assert (clf.input.size, clf.input.mean, clf.input.std) == (40, tuple(dls.splits.mean), tuple(dls.splits.std))
     ims = list(dls.splits.test.items[:6])
     clf.fit(ims, [0, 0, 1, 1, 2, 2])
     assert clf.predict(ims)[0] == FewShotClassifier.from_learner(learn).fit(ims, [0, 0, 1, 1, 2, 2]).predict(ims)[0]
@@ -189,18 +189,18 @@ def test_train_with_pretrained_weights_and_frozen_epochs(weights, glyph_root, tm
     # FewShotClassifier serves images as training did: loaded at the benchmark's 32 px, then resized to 36 by the
     # model's bicubic filter; the reference is torchvision's resize and normalisation by hand
     clf = FewShotClassifier.from_checkpoint(run)
-    assert (clf.size, clf.image_size, clf.interpolation) == (36, 32, 'bicubic') and last['image_size'] == 32
+    assert (clf.input.size, clf.input.image_size, clf.input.interpolation) == (36, 32, "bicubic") and last["image_size"] == 32
     raw = res.learner.dls.splits.test.load(list(range(4)))
     ref = TF.resize(torch.from_numpy(raw).permute(0, 3, 1, 2).float() / 255, [36, 36],
                     interpolation=TF.InterpolationMode.BICUBIC, antialias=False).clamp(0, 1)
-    ref = (ref - torch.tensor(clf.mean).view(3, 1, 1)) / torch.tensor(clf.std).view(3, 1, 1)
-    assert torch.allclose(image_batch(list(raw), *clf._input()), ref, atol=1e-5)
+    ref = (ref - torch.tensor(clf.input.mean).view(3, 1, 1)) / torch.tensor(clf.input.std).view(3, 1, 1)
+    assert torch.allclose(image_batch(list(raw), clf.input), ref, atol=1e-5)
     # the same input as the final test's batches: the same features
     x = res.learner.dls[2].after_batch(TensorImage(torch.from_numpy(raw).permute(0, 3, 1, 2).contiguous()))
     assert torch.allclose(clf.features(list(raw)), extract_features(clf.backbone, x), atol=1e-5)
     # saved and loaded, it keeps that input
     clf.fit(list(raw), [0, 0, 1, 1]).save(tmp_path / 'clf.pth')
-    assert FewShotClassifier.load(tmp_path / 'clf.pth')._input() == clf._input()
+    assert FewShotClassifier.load(tmp_path / 'clf.pth').input == clf.input
 
 
 def test_a_pretrained_run_on_a_folder_is_tested_at_the_size_it_trained_at(weights, tmp_path):

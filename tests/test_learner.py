@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from fastai.callback.core import Callback
 
 from fsmtl.data.block import mtl_dls
-from fsmtl.learner import OPTIMIZERS, TORCH_OPTIMIZER, MTLModel, MultiTaskLoss, get_opt, mtl_learner, step_sched
+from fsmtl.heads import MTLModel, MultiTaskLoss
+from fsmtl.learner import OPTIMIZERS, TORCH_OPTIMIZER, get_opt, mtl_learner, step_sched
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 SMALL = dict(channels=(8, 16, 16, 32))   # a small ResNet-12 keeps CPU fits short

@@ -16,7 +16,7 @@ from fsmtl.classifier import FewShotClassifier
 from fsmtl.cli import main
 from fsmtl.evaluate import evaluate
 from fsmtl.scoring import EvalResult
-from fsmtl.train import OPTIONS, train
+from fsmtl.train import OPTIONS, all_options, train
 from helpers import TEST_SEED, assert_gain
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -95,14 +95,14 @@ def test_resume_continues_where_it_stopped(glyph_root, tmp_path, monkeypatch):
     opts = small(glyph_root, tmp_path, scheduler='plateau', decay_patience=1, max_epochs=3, final_test_epoch_length=10,
                  model_kwargs=dict(channels=(8, 16, 16, 32)))
     straight = train(**dict(opts, run_name='straight'))
-    make = T.meta_learner   # train builds every algorithm's learner by meta_learner
+    make = T.mtl_learner   # train builds every algorithm's learner by mtl_learner
     def interrupted(*a, **kw):
         learn = make(*a, **kw)
         learn.add_cb(Interrupt(1))   # two epochs are left: a resumed run's second epoch must match too
         return learn
-    monkeypatch.setattr(T, 'meta_learner', interrupted)
+    monkeypatch.setattr(T, 'mtl_learner', interrupted)
     with pytest.raises(KeyboardInterrupt): train(**dict(opts, run_name='cut'))
-    monkeypatch.setattr(T, 'meta_learner', make)
+    monkeypatch.setattr(T, 'mtl_learner', make)
     assert read_checkpoint(tmp_path / 'runs' / 'cut' / 'last.pth')['epoch'] == 1
     resumed = train(resume=True, load_path=str(tmp_path / 'runs' / 'cut'), progress=False)
     # the same three epochs as the uninterrupted run: history, learning rates and the final weights
@@ -127,8 +127,8 @@ class Poison(Callback):
 
 @pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(glyph_root, tmp_path, monkeypatch):
-    make = T.meta_learner
-    monkeypatch.setattr(T, 'meta_learner', lambda *a, **kw: make(*a, **kw).add_cb(Poison(2)))
+    make = T.mtl_learner
+    monkeypatch.setattr(T, 'mtl_learner', lambda *a, **kw: make(*a, **kw).add_cb(Poison(2)))
     opts = small(glyph_root, tmp_path, max_epochs=4, model_kwargs=dict(channels=(8, 16, 16, 32)))
     # epochs counted from 0, as the epoch table counts them; an fp32 run is not told to train in fp32
     with pytest.raises(FloatingPointError, match=r'loss became nan at epoch 2.*last\.pth') as e: train(**opts)
@@ -209,7 +209,7 @@ def test_every_flag_parses_with_underscores_and_hyphens(monkeypatch):
     values = {bool: [], int: ['3'], float: ['0.5'], str: ['x']}
     for hyphens in (False, True):
         argv = ['train']
-        for name, (default, _) in OPTIONS.items():
+        for name, (default, _) in all_options().items():
             if name == 'progress': continue
             flag = '--' + (name.replace('_', '-') if hyphens else name)
             if name == 'model_kwargs': argv += [flag, '{"channels": [8, 16, 16, 32]}']
@@ -218,7 +218,7 @@ def test_every_flag_parses_with_underscores_and_hyphens(monkeypatch):
             else: argv += [flag] + values[type(default) if default is not None else str]
         assert main(argv) == 0
     a, b = got
-    assert a == b and set(a) == set(OPTIONS) - {'progress', 'test_only'}
+    assert a == b and set(a) == set(all_options()) - {'progress', 'test_only'}
     assert a['model_kwargs'] == {'channels': [8, 16, 16, 32]} and a['pretrained'] == '/w.pth' and a['fp16'] is True
     assert a['lr'] == 0.5 and a['max_epochs'] == 3 and a['gpu'] == 3 and a['dataset'] == 'x'
 

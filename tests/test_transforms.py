@@ -3,6 +3,7 @@ import torch
 import torchvision.transforms.functional as TF
 from fastai.vision.core import TensorImage
 
+from fsmtl.data.core import InputSpec
 from fsmtl.data.transforms import BatchColorJitter, BatchCropFlip, lee19_padding, lee19_tfms
 from fsmtl.data.block import mtl_dls
 from helpers import coded_splits
@@ -67,7 +68,7 @@ def test_augment_off():
     dls = mtl_dls(coded_splits(), meta_batch_size=2, epoch_length=4, val_episodes=3, test_episodes=3,
                   augment=False, device='cpu')
     assert [type(t).__name__ for t in dls.train.after_batch.fs] == ['IntToFloatTensor', 'NormalizeInPlace']
-    assert [type(t).__name__ for t in lee19_tfms(32, (0.5,) * 3, (0.2,) * 3, augment=False)] == ['IntToFloatTensor', 'NormalizeInPlace']
+    assert [type(t).__name__ for t in lee19_tfms(InputSpec(32, (0.5,) * 3, (0.2,) * 3), augment=False)] == ['IntToFloatTensor', 'NormalizeInPlace']
 
 
 def test_batch_transform_keeps_type_and_device():

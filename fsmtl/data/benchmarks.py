@@ -282,9 +282,9 @@ def _key(name): return ''.join(c for c in str(name).lower() if c.isalnum())
 SAME_CLASSES = {'glyphs-small': 'glyphs'}
 
 
-def same_classes(a,            # a benchmark name, in any case, with or without '-' or '_'
-                 b            # another benchmark name
-                 ) -> bool:
+def same_classes(a,                # a benchmark name, in any case, with or without '-' or '_'
+                 b                 # another benchmark name
+                 ) -> bool:        # whether they hold the same classes
     "Whether benchmarks `a` and `b` hold the same classes ('glyphs' and 'glyphs-small' do)."
     key = lambda n: {_key(k): _key(v) for k, v in SAME_CLASSES.items()}.get(_key(n), _key(n))
     return a is not None and b is not None and key(a) == key(b)

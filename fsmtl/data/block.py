@@ -53,8 +53,7 @@ def mtl_block(splits: FewShotSplits,   # the benchmark
     "A DataBlock of all three splits' images and class names."
     # with Lee19's batch transforms
     pool = _Pool(splits)
-    tfms = lee19_tfms(splits.train.image_size(), splits.mean, splits.std, augment=augment, input_size=splits.input_size,
-                      interpolation=splits.interpolation)  # its IntToFloatTensor merges with ImageBlock's
+    tfms = lee19_tfms(splits.input, augment)  # its IntToFloatTensor merges with ImageBlock's
     # DataBlock binds the functions it is given to itself: hand it plain functions, not the pool's methods
     return DataBlock(blocks=(ImageBlock, CategoryBlock(vocab=pool.vocab, sort=False)),
                      get_items=lambda _: list(range(pool.starts[-1])), splitter=lambda o: pool.split_items(o),

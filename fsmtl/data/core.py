@@ -1,5 +1,6 @@
 "Few-shot splits: per split, the images, their integer labels and the class names."
 from __future__ import annotations
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -7,9 +8,41 @@ from PIL import Image
 
 from .images import decode_image
 
-__all__ = ['Split', 'FewShotSplits', 'SPLITS']
+__all__ = ['InputSpec', 'Split', 'FewShotSplits', 'SPLITS']
 
 SPLITS = ('train', 'val', 'test')
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    "A model's input: images loaded at `image_size`, resized to `size`, normalised."
+    # resized per batch on the device, normalised by `mean` and `std`
+    size: int                          # side of the square images the model takes
+    mean: tuple = (0.5, 0.5, 0.5)      # per-channel mean of images in 0..1
+    std: tuple = (0.25, 0.25, 0.25)    # per-channel std of images in 0..1
+    image_size: int | None = None      # side the images are loaded (stored) at, before that resize; None: `size`
+    interpolation: str = 'bilinear'    # the resize's filter: 'bilinear', 'bicubic' or 'nearest'
+
+    def __post_init__(self):
+        fix = dict(size=int(self.size), image_size=int(self.image_size or self.size),
+                   mean=tuple(float(m) for m in self.mean), std=tuple(float(s) for s in self.std))
+        for k, v in fix.items(): object.__setattr__(self, k, v)
+
+    @property
+    def resized(self) -> bool:
+        "Whether batches are resized from `image_size` to `size`."
+        return self.image_size != self.size
+
+    def state(self) -> dict:
+        "Its fields as a checkpoint stores them."
+        return dict(size=self.size, mean=list(self.mean), std=list(self.std), image_size=self.image_size,
+                    interpolation=self.interpolation)
+
+    @classmethod
+    def from_state(cls, st: dict):  # a checkpoint, or what `state` gave
+        "The input a checkpoint records."
+        # checkpoints from before `image_size` and `interpolation` were recorded load images straight at `size`
+        return cls(st['size'], st['mean'], st['std'], st.get('image_size'), st.get('interpolation', 'bilinear'))
 
 
 @dataclass
@@ -91,6 +124,20 @@ class FewShotSplits:
     def size(self):
         "Side the model sees: `input_size` if set, else the loaded images'."
         return self.input_size or self.train.image_size()
+
+    @property
+    def input(self) -> InputSpec:
+        "What a model trained on these splits takes."
+        return InputSpec(self.size, self.mean, self.std, self.train.image_size(), self.interpolation)
+
+    def with_input(self, spec: InputSpec  # the input to serve
+                   ) -> FewShotSplits:
+        "These splits served as `spec`: loaded at its `image_size`, resized to its `size`, normalised."
+        # the images load at `image_size` through their `Split`s; a new `FewShotSplits` holds the rest, so that other
+        # DataLoaders built on this one keep their input
+        for s in SPLITS: self[s].size = spec.image_size
+        return dataclasses.replace(self, mean=spec.mean, std=spec.std, input_size=spec.size if spec.resized else None,
+                                   interpolation=spec.interpolation)
 
     def __repr__(self):
         parts = ', '.join(f"{s}: {self[s].n_classes} classes / {len(self[s])} images" for s in SPLITS)

@@ -7,6 +7,8 @@ from fastai.data.transforms import IntToFloatTensor, Normalize
 from fastai.vision.core import TensorImage
 from fasttransform import Transform
 
+from .core import InputSpec
+
 __all__ = ['BatchCropFlip', 'BatchColorJitter', 'BatchResize', 'NormalizeInPlace', 'lee19_padding', 'lee19_tfms', 'rgb_to_gray']
 
 BRIGHTNESS, CONTRAST, SATURATION = 0, 1, 2  # torchvision's ColorJitter operations; hue is off in Lee19
@@ -129,15 +131,12 @@ class NormalizeInPlace(Normalize):
     def encodes(self, x: TensorImage): return x.sub_(self.mean).div_(self.std)
 
 
-def lee19_tfms(size: int,              # side of the square images, as stored (or loaded)
-               mean,                   # per-channel means of the benchmark, images in 0..1
-               std,                    # per-channel standard deviations, images in 0..1
-               augment: bool = True,   # add the training augmentation
-               input_size: int | None = None,    # resize each batch on its device to this side; None: keep `size`
-               interpolation: str = 'bilinear'):  # the resize's filter
+def lee19_tfms(spec: InputSpec,        # the model's input: images loaded at `image_size`, resized to `size`, normalised
+               augment: bool = True):  # add the training augmentation
     "A benchmark's batch transforms; augmentation in training only."
-    # in order: crop and flip, to float, resize, colour jitter, normalisation
-    aug = [BatchCropFlip(pad=lee19_padding(size)), BatchColorJitter()] if augment else []
-    resize = [BatchResize(input_size, interpolation)] if input_size is not None and input_size != size else []
+    # in order: crop and flip (padding by the loaded side), to float, resize, colour jitter, normalisation
+    aug = [BatchCropFlip(pad=lee19_padding(spec.image_size)), BatchColorJitter()] if augment else []
+    resize = [BatchResize(spec.size, spec.interpolation)] if spec.resized else []
     # colour jitter commutes with the flip, so flipping with the crop leaves Lee19's crop-jitter-flip result unchanged
-    return sorted([IntToFloatTensor(), *aug, *resize, NormalizeInPlace.from_stats(mean, std, cuda=False)], key=lambda t: t.order)
+    return sorted([IntToFloatTensor(), *aug, *resize, NormalizeInPlace.from_stats(spec.mean, spec.std, cuda=False)],
+                  key=lambda t: t.order)
