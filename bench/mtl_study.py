@@ -108,13 +108,14 @@ def row(name, args):
     o = ROWS[name]
     set_seed(args.seed)
     ways = o.get('ways', 5)
-    data = get_benchmark(o.get('dataset', 'glyphs'), root=args.root)
+    data = get_benchmark(o.get('dataset', args.dataset), root=args.root)
     if 'classes' in o: data = fewer_classes(data, o['classes'], args.seed)
     dls = mtl_dls(data, train_ways=ways, meta_batch_size=o.get('tasks', 6),
                   epoch_length=args.epoch_length * 5 // ways, test_shots=5, val_episodes=args.select_episodes,
                   test_episodes=1, seed=args.seed, device='cpu')
     learn = quiet(mtl_learner(dls, arch_kwargs=dict(channels=tuple(int(c) for c in args.channels.split(','))),
-                              original_head=o.get('original_head', False), all_classes=o.get('all_classes', False),
+                              original_head=o.get('original_head', False),
+                              algorithm='pretrain' if o.get('all_classes') else 'mtl',
                               opt=o.get('opt', 'radam'),
                               norm_train_features=o.get('norm_train_features', False)))
     if o.get('init') == 'kaiming':
@@ -160,6 +161,7 @@ def main(argv=None):
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--root', default='~/data')
+    p.add_argument('--dataset', default='glyphs', help="the benchmark of the rows that do not set one ('images 20' does)")
     p.add_argument('--out', default=None, help='also write the table to this file')
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

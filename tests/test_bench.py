@@ -1,5 +1,6 @@
 "The training benches, run with tiny settings: their last line `ratio: N` is the quotient of the rates they print; the loops train alike."
 import json
+import math
 import os
 import re
 import subprocess
@@ -130,6 +131,16 @@ def _bench_module(name):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def test_study_prints_each_row_paired_with_the_first(glyph_root):
+    "bench/mtl_study.py, tiny: a row per name, the first row's paired difference zero, pretrain's loss over 250 classes."
+    out = run_bench('mtl_study.py', '--rows', 'zero,pretrain,lazy rows', '--epochs', '1', '--channels', '8,8,8,8',
+                    '--epoch_length', '12', '--select_episodes', '2', '--val_episodes', '6', '--dataset', 'glyphs-small',
+                    '--root', str(glyph_root)).stdout
+    rows = [[c.strip() for c in l.split('|')[1:-1]] for l in out.splitlines() if l.startswith('| ') and not l.startswith('| row')]
+    assert [r[0] for r in rows] == ['zero', 'pretrain', 'lazy rows'] and rows[0][2] == '+0.0 ± 0.0'
+    assert abs(float(rows[0][3]) - math.log(5)) < 0.1 and abs(float(rows[1][3]) - math.log(250)) < 0.3   # at chance
 
 
 def test_study_lazy_rows_keep_the_rows_a_batch_left_unused():
