@@ -22,7 +22,8 @@ largest resident set on the CPU, `torch.cuda.max_memory_allocated` on CUDA). MAM
 options `--adaptation_steps` (1) and `--adaptation_lr` (0.5), first-order with `--first_order`. `--plot` saves the
 validation accuracy of each algorithm against its training time.
 Run: `python bench/bridge.py [--budget 120,600] [--dataset glyphs] [--channels 16,32,32,64] [--test_episodes 2000]
-[--out table.md] [--plot bridge.png]`.
+[--out table.md] [--plot bridge.png] [--save results.json]`; `--load a.json,b.json` makes one table and plot of runs
+saved by `--save` (e.g. two sets of algorithms run side by side on the CPU clock).
 """
 import argparse
 import copy
@@ -179,11 +180,13 @@ def main(argv=None):
     p.add_argument('--out', default=None, help='also write the table to this file')
     p.add_argument('--plot', default=None, help='save the plot of validation accuracy against training time to this file')
     p.add_argument('--save', default=None, help="also write the children's results (logs and scores) to this JSON file")
+    p.add_argument('--load', default=None, help='no training: the table (and --plot) of the results that --save wrote, '
+                                                'comma-separated files of runs made side by side')
     p.add_argument('--one', default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one: return one(args)
-    results = []
-    for alg in args.algorithms.split(','):
+    results = [] if args.load is None else [r for f in args.load.split(',') for r in json.loads(Path(f).read_text())]
+    for alg in args.algorithms.split(',') if args.load is None else []:
         argv_child = [a for a in (argv if argv is not None else sys.argv[1:])] + ['--one', alg]
         done = subprocess.run([sys.executable, __file__, *argv_child], capture_output=True, text=True)
         line = next((l for l in done.stdout.splitlines() if l.startswith('RESULT ')), None)

@@ -104,6 +104,8 @@ def test_bridge_writes_one_row_per_algorithm_and_budget(tmp_path):
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     saved = json.loads((tmp_path / 'results.json').read_text())   # the children's logs, to combine runs later
     assert [r['algorithm'] for r in saved] == ['pretrain', 'protonet'] and all(r['log'] and r['scores'] for r in saved)
+    again = run_bench('bridge.py', '--load', f"{tmp_path / 'results.json'},{tmp_path / 'results.json'}").stdout
+    assert again.count('| protonet | 3 |') == 2 and again.count('| pretrain | 1 |') == 2   # two runs in one table, no training
 
 
 def test_transfer_digits_are_scikit_learns_dark_on_light():
