@@ -135,7 +135,7 @@ def table(results, clock='cpu') -> str:
     return '\n'.join(rows)
 
 
-def plot(results, path):
+def plot(results, path, clock='cpu'):
     "Each algorithm's validation accuracy against its training time, saved to `path`."
     import matplotlib
     matplotlib.use('Agg')
@@ -145,7 +145,7 @@ def plot(results, path):
         if 'error' in r: continue
         t, a, ci = zip(*r['log'])
         ax.errorbar(t, [100 * v for v in a], yerr=[100 * c for c in ci], marker='o', ms=3, capsize=2, label=r['algorithm'])
-    ax.set(xlabel='training seconds (validation included)', ylabel='validation accuracy, 5-way 5-shot (%)',
+    ax.set(xlabel=f'training seconds on the {clock} clock (validation included)', ylabel='validation accuracy, 5-way 5-shot (%)',
            title='accuracy against training time')
     ax.legend()
     fig.tight_layout()
@@ -201,7 +201,7 @@ def main(argv=None):
     print(out)
     if args.out:
         with open(args.out, 'w') as f: f.write(out + '\n')
-    if args.plot: plot(results, args.plot)
+    if args.plot: plot(results, args.plot, args.clock)
     if args.save: Path(args.save).write_text(json.dumps(results))
 
 
