@@ -44,6 +44,8 @@ class Algorithm:
     forbids: tuple = ()    # other algorithms' options it refuses when they are set
     native: bool = False   # whether it splits each task into support and query, and its model has an episodic head
                            # of its own (`predict_episodes`, `test_method='native'`)
+    pooled: bool = False   # whether it trains on images drawn from all base classes at random (`TaskDL(pooled=True)`)
+                           # rather than on tasks of a few classes
 
     def __init__(self, **options):  # values of its `options`; the others keep their defaults
         unknown = [k for k in options if k not in self.options]
@@ -142,8 +144,8 @@ class MTL(Algorithm):
 @register_algorithm
 class Pretrain(MTL):
     "Pretraining: MTL's model, one softmax over all base classes."
-    name, all_classes = 'pretrain', True
-    about = 'softmax over all base classes, the tasks of a batch pooled (Baseline++, Chen et al. 2019; RFS, Tian et al. 2020)'
+    name, all_classes, pooled = 'pretrain', True, True
+    about = 'softmax over all base classes, on batches of images drawn at random (Baseline++, Chen et al. 2019; RFS, Tian et al. 2020)'
 
 
 class Episodic(Algorithm):

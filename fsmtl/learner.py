@@ -230,6 +230,7 @@ def mtl_learner(dls,                          # DataLoaders from `mtl_dls`
     known = algorithm_options()
     algo = get_algorithm(algorithm, **{k: kwargs.pop(k) for k in list(kwargs) if k in known})
     algo.check(shots, queries)
+    train.pooled = algo.pooled   # pretraining draws its batches' images at random, the others whole tasks
     opt_func = opt if callable(opt) else get_opt(opt)
     if precision not in ('fp32', 'fp16', 'bf16'): raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
     backbone, nf = create_backbone(arch, pretrained, **(arch_kwargs or {}))

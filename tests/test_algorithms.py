@@ -170,6 +170,25 @@ def test_pretrain_loss_is_one_softmax_over_all_base_classes(glyph_splits):
     assert learn.loss_func(learn.model(x), yb).item() == pytest.approx(math.log(250), abs=1e-5)
 
 
+def test_pretrain_draws_its_images_at_random_and_mtl_whole_tasks(glyph_splits):
+    "pretrain's batches: 100 images from all 250 base classes at random (RFS's), not 10 classes of 10; MTL's stay tasks."
+    dls = mtl_dls(glyph_splits, meta_batch_size=2, epoch_length=20, val_episodes=2, test_episodes=2, device='cpu')
+    counts = lambda: [len(y.unique()) for _, y in dls.train]
+    meta_learner(dls, 'pretrain', arch_kwargs=dict(channels=(8, 8, 8, 8)))
+    pooled = counts()
+    # 100 draws without replacement from 5,110 images of 250 classes: about 82 distinct classes, never as few as 40
+    assert len(pooled) == 10 and min(pooled) > 40, pooled
+    meta_learner(dls, 'mtl', arch_kwargs=dict(channels=(8, 8, 8, 8)))
+    assert all(len(t.unique()) == 5 for _, y in dls.train for t in y.view(2, 50))   # two tasks of five classes a batch
+    # seeded as the tasks are: the same seed draws the same images, so a resumed run draws what the uninterrupted one did
+    meta_learner(dls, 'pretrain', arch_kwargs=dict(channels=(8, 8, 8, 8)))
+    draws = []
+    for _ in range(2):
+        set_seed(3)
+        draws.append(torch.cat([y for _, y in dls.train]))
+    assert torch.equal(*draws)
+
+
 @pytest.mark.slow
 def test_pretrain_trains(glyph_splits):
     "On the first 10 base classes, from ln(10) at the zero head, the loss falls and the accuracy over them rises above chance."

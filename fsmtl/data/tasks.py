@@ -156,13 +156,21 @@ class TaskDL(_SplitDL):
                  per_class: int = 10,    # images per class in a task: shots + queries
                  n: int = 1600,          # tasks in an epoch
                  bs: int = 6,            # tasks in a batch (meta_batch_size)
+                 pooled: bool = False,   # draw each task's `ways * per_class` images from all base classes at random
                  **kwargs):              # passed to fastai's `TfmdDL` (device, after_batch ...)
         kwargs.pop('shuffle', None)
         super().__init__(dataset, split=split, ways=ways, per_class=per_class, n=n, bs=bs,
                          drop_last=kwargs.pop('drop_last', True), **kwargs)
-        self.taskset = _sampler(split, ways, per_class)
+        self.taskset, self.pooled = _sampler(split, ways, per_class), pooled
 
-    def create_item(self, s): return self.load_task(_sample_task(self.taskset))
+    def create_item(self, s):
+        # pooled: the batches of pretraining, images at random as RFS and Baseline++ draw them. One softmax over all base
+        # classes does not learn from batches of a few classes with many images each (README, the MTL study)
+        if self.pooled: return self.load_task(np.array(random.sample(range(len(self.split)), self.ways * self.per_class)))
+        return self.load_task(_sample_task(self.taskset))
+
+    def new(self, dataset=None, cls=None, **kwargs):
+        return super().new(dataset, cls, **{'pooled': self.pooled, **kwargs})
 
 
 @delegates(TfmdDL, but=['shuffle', 'drop_last'])
