@@ -75,6 +75,10 @@ def glyph_splits(glyph_root):
 
 # Torch threads of the tests that train: one, unless FSMTL_TEST_THREADS says otherwise (the margins are checked under 1 and 2).
 TEST_THREADS = int(os.environ.get('FSMTL_TEST_THREADS', '1'))
+# and of every process a test starts (the shell commands, torchrun's workers, the benches): two workers on two cores, each
+# starting processes of two threads, spend the time handing threads over, several times the time of the work itself
+os.environ['OMP_NUM_THREADS'] = str(TEST_THREADS)
+torch.set_num_threads(TEST_THREADS)
 
 
 @contextmanager

@@ -83,13 +83,13 @@ def test_gpu_bench_without_cuda_says_how_to_run_it():
     assert res.returncode != 0 and 'CUDA' in res.stderr and '--device cpu' in res.stderr
 
 
-def test_bridge_writes_one_row_per_algorithm_and_budget(tmp_path):
+def test_bridge_writes_one_row_per_algorithm_and_budget(tmp_path, glyph_root):
     # tiny settings: two algorithms, a few seconds each, two budgets from one run, output piped (no terminal), as a user's
     # log file gets it
     out, png = tmp_path / 'table.md', tmp_path / 'bridge.png'
     res = run_bench('bridge.py', '--algorithms', 'pretrain,protonet', '--budget', '1,3', '--dataset', 'glyphs-small',
                     '--channels', '8,8,8,8', '--tasks', '2', '--epoch_length', '4', '--val_episodes', '4', '--test_episodes', '8',
-                    '--native_episodes', '4', '--root', str(tmp_path), '--out', str(out), '--plot', str(png),
+                    '--native_episodes', '4', '--root', str(glyph_root), '--out', str(out), '--plot', str(png),
                     '--save', str(tmp_path / 'results.json'))
     rows = [l for l in out.read_text().splitlines() if l.startswith('| ') and not l.startswith('| algorithm')]
     cells = [[c.strip() for c in r.split('|')[1:-1]] for r in rows]
