@@ -1,5 +1,6 @@
 "Scoring fixed episodes: the `Scorer` interface, the probe's and the model's own head's, the one sharded loop, the results."
 from __future__ import annotations
+from abc import ABC, ABCMeta, abstractmethod
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,7 +16,7 @@ from .progress import with_bar
 __all__ = ['Scorer', 'ProbeScorer', 'EpisodicModel', 'NativeScorer', 'score_episodes', 'EvalResult', 'EvalResults', 'ci95']
 
 
-class Scorer:
+class Scorer(ABC):
     "Scores whole episodes: `add` a batch of their images; `result`, each episode's query accuracy."
     def __init__(self,
                  model,              # the model scored: a backbone, a model with a `backbone`, or a meta-learner's model
@@ -34,10 +35,10 @@ class Scorer:
         self.accs = {s: [] for s in self.shots}
         return self
 
+    @abstractmethod
     def add(self,
             x):  # images of whole episodes (E*ways*per_class, C, H, W), class-major, supports first
         "Score a batch of whole episodes."
-        raise NotImplementedError
 
     def record(self,
                s: int,  # the shot count
@@ -95,9 +96,10 @@ class ProbeScorer(Scorer):
         return super().result()
 
 
-class EpisodicModel(nn.Module):
+class EpisodicModel(nn.Module, metaclass=ABCMeta):
     "A model with an episodic head of its own: `predict_episodes`."
     # it predicts each episode's queries from that episode's support
+    @abstractmethod
     def predict_episodes(self,
                          x,                  # images of whole episodes, class-major, supports first
                          ways: int,          # classes in an episode
@@ -106,7 +108,6 @@ class EpisodicModel(nn.Module):
                          shots=(1, 5),       # shot counts; each uses the first supports of each class
                          chunk: int = 256):  # images per forward pass
         "Predicted classes (E, ways*queries) of each episode's queries, by shot count."
-        raise NotImplementedError
 
 
 class NativeScorer(Scorer):
