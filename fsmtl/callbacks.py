@@ -120,7 +120,8 @@ class TaskAccuracy(Callback):
 
 class StopOnNaN(Callback):
     "Stop with a clear error when the training loss is not finite."
-    # the checkpoints already written stay as they are
+    # the checkpoints already written stay as they are. Not fastai's `TerminateOnNaNCallback`: it cancels the fit without a
+    # word, and `train` would then test and report the weights of a run that diverged
     order = MixedPrecision.order + 1   # after AMP has closed its autocast context
 
     def after_loss(self):

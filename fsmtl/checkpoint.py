@@ -94,7 +94,8 @@ def backbone_from_checkpoint(st: dict,  # a checkpoint read by `read_checkpoint`
 
 def rng_state() -> dict:
     "The states of all random generators, as plain types and tensors."
-    # Python's, numpy's and torch's, and CUDA's when there is one
+    # Python's, numpy's and torch's, and CUDA's when there is one. Not fastai's `get_random_states`: its numpy state holds
+    # an ndarray, which a `weights_only` load refuses, and it also sets cudnn's flags, which are the run's, not its luck
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     st = dict(python=random.getstate(), numpy=(kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss),
               torch=torch.get_rng_state())
