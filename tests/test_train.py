@@ -10,6 +10,7 @@ import pytest
 import torch
 from fastai.callback.core import Callback
 
+import fsmtl.config
 import fsmtl.train as T
 from fsmtl.checkpoint import read_checkpoint
 from fsmtl.classifier import FewShotClassifier
@@ -269,10 +270,10 @@ def test_testing_needs_no_training_optimiser(trained, glyph_root, monkeypatch, t
     # a run trained with torch-optimizer's adamp is tested where that package is missing
     res, _ = trained
     st = read_checkpoint(res.run_dir / 'best.pth')
-    st['config']['optim'] = 'adamp'
+    st['config']['opt'] = 'adamp'
     torch.save(st, tmp_path / 'adamp.pth')
     def missing(name): raise ImportError(f"no {name}")
-    monkeypatch.setattr(T, 'get_opt', missing)
+    monkeypatch.setattr(fsmtl.config, 'get_opt', missing)   # the fit's config, which a test does not make
     out = T.evaluate_checkpoint(tmp_path / 'adamp.pth', root=str(glyph_root), progress=False)
     assert out[5].accs.tolist() == pytest.approx(res.test[5].accs.tolist())
 
