@@ -19,9 +19,10 @@ import torch
 from fastai.callback.core import Callback
 
 from _common import bench_device, sync, synthetic_splits
-from fsmtl.train import OPTIONS, RECIPES, _fit, _learner, _options
+from fsmtl.config import options, run_config
+from fsmtl.train import RECIPES, _fit, _learner
 
-PAPER_HOURS, TEST_EPISODES = 3.7, OPTIONS['final_test_epoch_length'][0]
+PAPER_HOURS, TEST_EPISODES, MAX_EPOCHS = 3.7, options()['test_episodes'][0], options()['max_epochs'][0]
 RECIPE = next(r for r in RECIPES if r['dataset'] == 'mini-imagenet' and r['shots'] == 5)
 GPU_DEFAULTS = dict(size=84, per_class=600, channels=None, epoch_length=None, val_epoch_length=None)
 CPU_SMOKE = dict(size=16, per_class=20, channels='4,8,8,16', epoch_length=4, val_epoch_length=2)
@@ -52,27 +53,28 @@ def main():
     args = p.parse_args()
     device = bench_device(args, 'times an epoch', GPU_DEFAULTS, CPU_SMOKE)
 
-    shape = {k: v for k, v in dict(epoch_length=args.epoch_length, val_epoch_length=args.val_epoch_length,
-                                   model_kwargs=args.channels and dict(channels=[int(c) for c in args.channels.split(',')])).items() if v}
+    shape = {k: v for k, v in dict(epoch_length=args.epoch_length, val_episodes=args.val_epoch_length,
+                                   arch_kwargs=args.channels and dict(channels=[int(c) for c in args.channels.split(',')])).items() if v}
     splits = synthetic_splits(args.size, 64, args.per_class, novel_per_class=20)
-    cfg = _options(dict(RECIPE['options'], dataset=splits, gpu=(device.index or 0) if device.type == 'cuda' else -1,
-                        progress=False, max_epochs=1, **shape))
+    cfg = run_config(dict(RECIPE['options'], dataset=splits, gpu=(device.index or 0) if device.type == 'cuda' else -1,
+                          progress=False, max_epochs=1, **shape))
+    data = cfg.data
     learn = _learner(cfg, device)
     learn.add_cb(PhaseClock())
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, torch threads {torch.get_num_threads()}'
     steps = len(learn.dls.train)
-    images = steps * cfg['meta_batch_size'] * cfg['train_ways'] * (cfg['train_shots'] + cfg['train_queries'])
+    images = steps * data.meta_batch_size * data.train_ways * (data.train_shots + data.train_queries)
     print(f"{name}; torch {torch.__version__}; the recipe `{' '.join(f'{k}={v}' for k, v in RECIPE['options'].items())}`, "
           f"{args.size}px, 64 base classes of {args.per_class} random images, ResNet-12 of {learn.model.backbone.num_features} "
-          f"features, {steps} steps of {images // steps} images, {cfg['val_epoch_length']} validation episodes")
-    _fit(learn, cfg, 0, [])
+          f"features, {steps} steps of {images // steps} images, {data.val_episodes} validation episodes")
+    _fit(learn, cfg.fit, 0, [])
     train_s, valid_s = learn.phase_clock.train_s, learn.phase_clock.valid_s
     epoch = train_s + valid_s
-    test = valid_s / cfg['val_epoch_length'] * TEST_EPISODES
-    full = (OPTIONS['max_epochs'][0] * epoch + test) / 3600
+    test = valid_s / data.val_episodes * TEST_EPISODES
+    full = (MAX_EPOCHS * epoch + test) / 3600
     print(f"epoch: training {train_s:.1f} s ({images / train_s:.5g} img/s), validation {valid_s:.1f} s "
-          f"({cfg['val_epoch_length'] / valid_s:.4g} episodes/s), {epoch:.1f} s in all")
-    print(f"full recipe: at most {OPTIONS['max_epochs'][0]} epochs + a {TEST_EPISODES}-episode test ({test:.0f} s, "
+          f"({data.val_episodes / valid_s:.4g} episodes/s), {epoch:.1f} s in all")
+    print(f"full recipe: at most {MAX_EPOCHS} epochs + a {TEST_EPISODES}-episode test ({test:.0f} s, "
           f"scaled from validation) = {full:.2f} h; the paper: {PAPER_HOURS} V100-hours, which buy "
           f"{PAPER_HOURS * 3600 / epoch:.0f} epochs here")
     if device.type != 'cuda': print("(a CPU smoke run of a tiny shape: the times say nothing about the recipe)")

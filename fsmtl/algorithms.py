@@ -46,6 +46,8 @@ class Algorithm:
                            # of its own (`predict_episodes`, `test_method='native'`)
     pooled: bool = False   # whether it trains on images drawn from all base classes at random (`TaskDL(pooled=True)`)
                            # rather than on tasks of a few classes
+    may_leave_unused: bool = True  # whether a training step may leave parameters of its model without a gradient (several
+                                   # processes then look for them: DDP's find_unused_parameters)
 
     def __init__(self, **options):  # values of its `options`; the others keep their defaults
         unknown = [k for k in options if k not in self.options]
@@ -62,7 +64,8 @@ class Algorithm:
     def check(self,
               shots: int,    # support images per class in a training task
               queries: int): # query images per class in a training task
-        "Fail early, with the fix, on options or task sizes it cannot train with."
+        "Fail early, with the fix, on options or task sizes it cannot train with; once for each task size."
+        if getattr(self, '_checked', None) == (shots, queries): return   # `train` checks it, then `mtl_learner`
         if self.native and (shots < 1 or queries < 1):
             raise ValueError(f"{self.name} splits each training task into support and query: train_shots ({shots}) and "
                              f"train_queries ({queries}) must both be at least 1")
@@ -71,6 +74,7 @@ class Algorithm:
         for k in self.positive:
             if not getattr(self, k) > 0: raise ValueError(f"{k} must be positive for {self.name}, got {getattr(self, k)}")
         for need in self.needs: need()
+        self._checked = (shots, queries)
 
     def model(self,
               backbone: nn.Module,  # images to (N, nf) features
@@ -120,7 +124,8 @@ _MTL_OPTIONS = {
 class MTL(Algorithm):
     "Multi-task learning: one head row a base class, each task scored by a softmax over its own classes."
     name, about, options = 'mtl', "softmax over each training task's own classes (Wang et al. 2021)", _MTL_OPTIONS
-    all_classes = False   # one softmax over all base classes instead
+    all_classes = False        # one softmax over all base classes instead
+    may_leave_unused = False   # every step trains the backbone and the head rows of its tasks' classes
 
     def model(self,
               backbone: nn.Module,  # images to (N, nf) features

@@ -1,6 +1,6 @@
 "The notebook surface: `from fsmtl.all import *`, fsmtl's public functions and classes."
 # fastai's own surface (`Learner.fit_one_cycle`, `show_batch` ...) is patched in on import; `from fastai.vision.all
-# import *` brings its names. Constants (`OPTIONS`, `BENCHMARKS` ...) stay in their modules; the optional logging
+# import *` brings its names. Constants (`ALIASES`, `BENCHMARKS` ...) stay in their modules; the optional logging
 # integrations (wandb, TensorBoard) stay in `fsmtl.runlog`.
 import importlib
 import inspect

@@ -7,9 +7,9 @@ import sys
 __all__ = ['main']
 
 
-def _flag(p, name, **kwargs):
-    "Add `--name` with underscores, as the original code spells its flags, and with hyphens."
-    names = [f'--{name}'] + ([f"--{name.replace('_', '-')}"] if '_' in name else [])
+def _flag(p, name, *aliases, **kwargs):
+    "Add `--name` and its `aliases` with underscores, as the original code spells its flags, and with hyphens."
+    names = [f'--{n}' for a in (name, *aliases) for n in dict.fromkeys([a, a.replace('_', '-')])]
     p.add_argument(*names, **kwargs)
 
 
@@ -67,25 +67,25 @@ def _predict(args):
         with open(args.out, 'w', newline='') as f: csv.writer(f).writerows([('file', 'label', 'probability'), *rows])
 
 
-# options of `train` that `fsmtl test` takes too
-TEST_OPTIONS = ('dataset', 'root', 'gpu', 'seed', 'test_ways', 'test_shots', 'test_queries', 'final_test_epoch_length',
-                'test_method', 'test_l2', 'size', 'num_workers')
 _INTS = ('gpu', 'size', 'num_workers')
 
 
 def _option_flags(p, names):
-    "A flag for each of the `train` options `names`, typed by its default."
-    from .train import all_options
-    options = all_options()
+    "A flag for each of the `train` options `names`, typed by its default, under the original code's name too."
+    from .config import ALIASES, options
+    opts, old = options(), {new: o for o, new in ALIASES.items()}
     for name in names:
-        default, help = options[name]
+        default, help = opts[name]
         kw = dict(default=argparse.SUPPRESS, help=f"{help} (default: {default})")   # only flags given reach `train`
         if name == 'pretrained': kw.update(nargs='?', const=True, metavar='PATH')
-        elif name == 'model_kwargs': kw.update(type=json.loads, metavar='JSON')
+        elif name == 'arch_kwargs': kw.update(type=json.loads, metavar='JSON')
         elif isinstance(default, bool): kw.update(action='store_true')
         elif name in _INTS or isinstance(default, int): kw.update(type=int)
         elif isinstance(default, float): kw.update(type=float)
-        _flag(p, name, **kw)
+        _flag(p, name, *([old[name]] if name in old else []), dest=name, **kw)
+        if name == 'precision':   # the original code's flags of it
+            for k in ('fp16', 'bf16'):
+                _flag(p, k, action='store_true', default=argparse.SUPPRESS, help=f"the original code's flag: --precision {k}")
 
 
 def _print_results(results):
@@ -144,13 +144,13 @@ def main(argv=None):
           help='classifier fitted on the features of the examples (default: logistic)')
     _flag(q, 'out', metavar='CSV', help='also write the predictions here, as file,label,probability')
     q.set_defaults(run=_predict)
+    from .config import TEST_OPTIONS, options
     from .domains import add_domain_flags
-    from .train import all_options
     t = sub.add_parser('train', help='train a backbone (multi-task learning, pretraining or a meta-learner) and test it',
                        description='Train a backbone by multi-task learning (--algorithm mtl, the default), pretraining or a '
                                    'meta-learner, then test its best checkpoint on 5-way 1- and 5-shot episodes. Flags are '
-                                   'those of the original code, with underscores or hyphens.')
-    _option_flags(t, [k for k in all_options() if k != 'progress'])
+                                   'named as in fastai, or as in the original code, with underscores or hyphens.')
+    _option_flags(t, [k for k in options() if k != 'progress'])
     t.set_defaults(run=_train)
     e = sub.add_parser('test', help="test a checkpoint's backbone on the test episodes, of its benchmark or of other domains",
                        description="Test the backbone of a checkpoint (best.pth, or a run folder) on 1- and 5-shot episodes "

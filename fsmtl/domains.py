@@ -9,6 +9,7 @@ from fastai.learner import Learner
 from fastai.torch_core import default_device
 
 from .checkpoint import backbone_from_checkpoint, read_checkpoint
+from .config import DataConfig, TestConfig, device_of, option_values
 from .data.benchmarks import get_benchmark, same_classes
 from .data.block import FINAL_SHOTS, episode_dl
 from .data.core import SPLITS, FewShotSplits, InputSpec, Split
@@ -18,7 +19,6 @@ from .evaluate import evaluate
 from .features import model_device
 from .probe import get_probe
 from .runlog import write_json
-from .train import _TEST_OPTIONS, _check_numbers, _device, _options
 
 __all__ = ['BSCD', 'DomainResults', 'domain_splits', 'evaluate_domains', 'evaluate_checkpoint_domains', 'add_domain_flags',
            'wants_domains']
@@ -164,21 +164,21 @@ def evaluate_checkpoint_domains(
     bscd=False,          # BSCD-FSL's settings
     split=None,          # 'test' or 'test_only' (see `evaluate_domains`)
     download=False,      # download missing files
-    **options,           # the test options of `train`: root, gpu, seed, test_ways, test_queries, test_method ...
+    **options,           # the test options (`TEST_OPTIONS`): root, gpu, seed, test_ways, test_queries, test_method ...
 ) -> DomainResults:      # by domain, shown as one table
     "`fsmtl test` on several domains: the run's test options, the table written to the run folder."
     st = read_checkpoint(load_path, prefer='best')
-    cfg = _options(options, st.get('config'))
-    _check_numbers(cfg, _TEST_OPTIONS)
-    if cfg['test_method'] == 'native':
+    values = option_values(options, st.get('config'))
+    data, test = DataConfig.of(values), TestConfig.of(values)
+    if test.test_method == 'native':
         raise ValueError("a cross-domain test fits a probe on the features: use --test_method l2, sklearn or proto")
     p = Path(load_path).expanduser()
-    return evaluate_domains(p, datasets or [cfg['dataset']], root=cfg['root'], ways=cfg['test_ways'],
-                            shots=[*FINAL_SHOTS, cfg['test_shots']], queries=cfg['test_queries'],
-                            episodes=cfg['final_test_epoch_length'], bscd=bscd, split=split,
-                            probe=get_probe(cfg['test_method'], cfg['test_l2']), seed=cfg['seed'], download=download,
-                            device=_device(cfg['gpu']), num_workers=cfg['num_workers'], progress=cfg['progress'],
-                            model_input=_loaded_at(InputSpec.from_state(st), options['size']) if options.get('size') else None,
+    return evaluate_domains(p, datasets or [data.dataset], root=data.root, ways=test.test_ways,
+                            shots=[*FINAL_SHOTS, test.test_shots], queries=test.test_queries, episodes=test.test_episodes,
+                            bscd=bscd, split=split, probe=get_probe(test.test_method, test.test_l2), seed=data.seed,
+                            download=download, device=device_of(values['gpu']), num_workers=data.num_workers,
+                            progress=values['progress'],
+                            model_input=_loaded_at(InputSpec.from_state(st), data.size) if options.get('size') else None,
                             out=p if p.is_dir() else p.parent)
 
 

@@ -23,13 +23,12 @@ from .callbacks import AMP, DDPEarlyStopping, DDPReduceLROnPlateau, EpisodicEval
 from .data.core import FewShotSplits, Split
 from .ddp import MTLDistributedTrainer
 from .distributed import rank, world
-from .heads import MTLModel
 from .models import create_backbone
 from .pretrained import FrozenEpochs, follow_input, input_config, mtl_splitter
 from .progress import interactive
 from .runlog import EpochTable
 
-__all__ = ['OPTIMIZERS', 'TORCH_OPTIMIZER', 'get_opt', 'MTLLearner', 'InputOnly', 'mtl_learner', 'meta_learner', 'plateau_cbs', 'step_sched']
+__all__ = ['OPTIMIZERS', 'TORCH_OPTIMIZER', 'get_opt', 'PRECISIONS', 'check_precision', 'MTLLearner', 'InputOnly', 'mtl_learner', 'meta_learner', 'plateau_cbs', 'step_sched']
 
 
 # The original code's optimiser names. fastai's decouple_wd=False is torch's L2 weight decay, True the decoupled (AdamW) kind;
@@ -58,6 +57,15 @@ def get_opt(name: str):  # an optimiser name of `OPTIMIZERS` or `TORCH_OPTIMIZER
                           f"or choose one of {', '.join(OPTIMIZERS)}") from e
     cls, defaults = TORCH_OPTIMIZER[key]
     return partial(OptimWrapper, opt=partial(getattr(torch_optimizer, cls), **defaults))
+
+
+# of training batches: float32, or mixed precision with float16 or bfloat16
+PRECISIONS = ('fp32', 'fp16', 'bf16')
+
+
+def check_precision(precision: str):  # one of `PRECISIONS`
+    "Fail on a precision that is not one of `PRECISIONS`."
+    if precision not in PRECISIONS: raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
 
 
 class MTLLearner(Learner):
@@ -109,8 +117,8 @@ class MTLLearner(Learner):
 
 def _may_leave_unused(learn) -> bool:
     "Whether a step of `learn`'s fit may leave parameters without a gradient."
-    # frozen epochs leave the backbone without gradients mid-fit; a meta-learner's head may go unused in a step
-    return not isinstance(learn.model, MTLModel) or any(isinstance(cb, FrozenEpochs) for cb in learn.cbs)
+    # its algorithm's (a meta-learner's head may go unused in a step); frozen epochs leave the backbone without gradients
+    return learn.algorithm.may_leave_unused or any(isinstance(cb, FrozenEpochs) for cb in learn.cbs)
 
 
 class InputOnly(DataLoaders):
@@ -232,7 +240,7 @@ def mtl_learner(dls,                          # DataLoaders from `mtl_dls`
     algo.check(shots, queries)
     train.pooled = algo.pooled   # pretraining draws its batches' images at random, the others whole tasks
     opt_func = opt if callable(opt) else get_opt(opt)
-    if precision not in ('fp32', 'fp16', 'bf16'): raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
+    check_precision(precision)
     backbone, nf = create_backbone(arch, pretrained, **(arch_kwargs or {}))
     given = {k: v for k, v in dict(size=size, mean=mean, std=std, interpolation=interpolation).items() if v is not None}
     if pretrained: follow_input(dls, input_config(backbone, splits.train.image_size(), **given))
@@ -245,6 +253,7 @@ def mtl_learner(dls,                          # DataLoaders from `mtl_dls`
     if not train_bn: extra.append(BnFreeze())
     learn = MTLLearner(dls, model, loss_func=algo.loss(train.ways, shots, queries), opt_func=opt_func, lr=lr, wd=wd,
                        splitter=mtl_splitter, train_bn=train_bn, cbs=extra + list(cbs or []), **kwargs)
+    learn.algorithm = algo
     if not interactive() and hasattr(learn, 'progress'):
         # bars redrawn into a file or a scheduler's log are noise: there, the epoch table alone
         learn.remove_cb(learn.progress)

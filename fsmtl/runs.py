@@ -13,15 +13,15 @@ RUN_FILES = ('last.pth', 'best.pth', 'results.json', 'history.csv', 'config.json
 # options a resumed run may change: where things are, how it is shown and logged, its final test, and more epochs;
 # any other changes how the remaining epochs train, so the run would no longer be one run
 RESUME_MAY_CHANGE = ('root', 'log_dir', 'run_name', 'gpu', 'num_workers', 'progress', 'no_log', 'wandb', 'baseline',
-                     'final_test_epoch_length', 'max_epochs')
+                     'test_episodes', 'max_epochs')
 
 
-def run_folder(cfg: dict  # a run's options: log_dir, run_name, dataset, model
+def run_folder(cfg: dict  # a run's options by name (`option_values`): log_dir, run_name, dataset, arch
                ) -> Path:
-    "The folder of a run: `log_dir`/`run_name`, by default dataset-model-date-time."
+    "The folder of a run: `log_dir`/`run_name`, by default dataset-arch-date-time."
     # a dataset like 'torchvision:EuroSAT' or 'folder:/data/x' becomes one plain folder name
     dataset = ''.join(c if c.isalnum() or c in '.-_' else '-' for c in str(cfg['dataset'])).strip('-')
-    name = cfg['run_name'] or f"{dataset}-{cfg['model']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = cfg['run_name'] or f"{dataset}-{cfg['arch']}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not isinstance(name, str) or Path(name).name != name or name == '..':
         raise ValueError(f"run_name must be the name of one folder in log_dir, got {name!r}: give a name without '/' "
                          "(such as 'mtl-5shot'), and choose where runs go with log_dir")
@@ -48,7 +48,7 @@ def resume_hint(folder: Path):  # the run's folder
         raise OSError(e.errno, f"{e.strerror}; {again}") from e
 
 
-def resume_source(cfg: dict  # the options given to resume: load_path, run_name, log_dir
+def resume_source(cfg: dict  # the options given to resume, by name: load_path, run_name, log_dir
                   ) -> Path:
     "The run folder to resume."
     # `load_path`'s, else `log_dir`/`run_name`, else the run in `log_dir` whose last checkpoint is newest
@@ -72,8 +72,8 @@ def _plain(v):
     return json.loads(json.dumps(v, default=str))
 
 
-def resumed_config(given: dict,   # the options given to resume
-                   old: dict,     # the run's own options, every one
+def resumed_config(given: dict,   # the options given to resume, by name (`renamed`)
+                   old: dict,     # the run's own options, every one, by name (`option_values`)
                    folder: Path,  # the run's folder
                    epoch: int     # epochs in its last checkpoint
                    ) -> dict:

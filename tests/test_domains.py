@@ -211,5 +211,5 @@ def test_run_folder_of_a_domain_is_one_folder(tmp_path):
     "A run on 'folder:PATH' or 'torchvision:NAME' gets one plain folder in log_dir."
     from fsmtl.runs import run_folder
     for dataset in ('folder:/data/my shapes', 'torchvision:EuroSAT'):
-        d = run_folder(dict(run_name=None, dataset=dataset, model='resnet12', log_dir=str(tmp_path)))
+        d = run_folder(dict(run_name=None, dataset=dataset, arch='resnet12', log_dir=str(tmp_path)))
         assert d.parent == tmp_path.resolve() and ':' not in d.name and '/' not in d.name

@@ -198,8 +198,8 @@ def test_a_finished_run_folder_is_not_overwritten(glyph_root, tmp_path):
     (dict(train_queries=-1), 'train_queries must be at least 0, got -1'),
     (dict(train_shots=0, train_queries=0), 'train_shots + train_queries must be at least 1'),
     (dict(test_queries=0), 'test_queries must be at least 1, got 0'),           # row 11
-    (dict(val_epoch_length=0), 'val_epoch_length must be at least 1, got 0'),
-    (dict(final_test_epoch_length=0), 'final_test_epoch_length must be at least 1'),
+    (dict(val_epoch_length=0), 'val_episodes (val_epoch_length) must be at least 1, got 0'),
+    (dict(final_test_epoch_length=0), 'test_episodes (final_test_epoch_length) must be at least 1'),
     (dict(meta_batch_size=4, epoch_length=3), 'epoch_length (3 tasks) is less than one batch'),
     (dict(lr=0.), 'lr must be above 0'), (dict(test_ways=1), 'test_ways must be at least 2'),
     (dict(decay_rate=2.), 'decay_rate multiplies'), (dict(size=0), 'size must be at least 8'),

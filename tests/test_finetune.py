@@ -180,7 +180,7 @@ def test_train_with_pretrained_weights_and_frozen_epochs(weights, glyph_root, tm
     assert all(torch.equal(last['backbone'][k], st[k]) for k in convs)
     # resumed for a second epoch, with the run's own options: past the frozen epoch, the convolutions train
     res = train(resume=True, load_path=str(run), max_epochs=2, progress=False)
-    assert res.config['freeze_epochs'] == 1 and res.config['size'] == 36 and len(res.history) == 2
+    assert res.config.fit.freeze_epochs == 1 and res.config.data.size == 36 and len(res.history) == 2
     last = torch.load(run / 'last.pth', weights_only=True)
     assert last['epoch'] == 2 and not any(torch.equal(last['backbone'][k], st[k]) for k in convs)
     # `fsmtl test` serves the checkpoint's recorded input: the same accuracies as the run's own final test

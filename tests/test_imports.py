@@ -86,3 +86,10 @@ def test_the_rank_helpers_leave_the_trainer_out():
 
 def test_the_history_row_is_written_after_the_checkpoint():
     assert RunCSVLogger.order > Checkpoints.order
+
+
+def test_no_module_imports_a_private_name_of_another():
+    private = [f"{_module(p)}: {a.name}" for p in PKG.rglob('*.py') for n in ast.walk(ast.parse(p.read_text()))
+               if isinstance(n, ast.ImportFrom) and (n.level or (n.module or '').startswith('fsmtl'))
+               for a in n.names if a.name.startswith('_') and not a.name.startswith('__')]
+    assert private == []

@@ -77,14 +77,14 @@ def test_resume_refuses_flags_that_change_training_and_records_more_epochs(done,
     before = files(folder)
     rc, out = shell('train', '--resume', '--load_path', folder, '--lr', '0.01', '--optim', 'adam', '--max_epochs', '2')
     assert rc == 2 and 'Traceback' not in out, out[-3000:]
-    assert "it was trained with --lr 0.001 (now 0.01), --optim 'radam' (now 'adam')" in out
-    assert f"Drop --lr, --optim, or start a new run from its weights: --load_path {folder / 'last.pth'}" in out
+    assert "it was trained with --lr 0.001 (now 0.01), --opt 'radam' (now 'adam')" in out
+    assert f"Drop --lr, --opt, or start a new run from its weights: --load_path {folder / 'last.pth'}" in out
     assert files(folder) == before
     # more epochs are meant to change: the run goes on, and its record says how the first epoch was trained
     res = train(resume=True, load_path=str(folder), max_epochs=2, final_test_epoch_length=12, progress=False)
     cfg = json.loads((folder / 'config.json').read_text())
     assert len(res.history) == 2 and cfg['max_epochs'] == 2 and cfg['lr'] == TINY.get('lr', 1e-3)
-    assert cfg['resumed'] == [dict(epoch=1, changed=dict(max_epochs=[1, 2], final_test_epoch_length=[10, 12]))]
+    assert cfg['resumed'] == [dict(epoch=1, changed=dict(max_epochs=[1, 2], test_episodes=[10, 12]))]
     assert json.loads((folder / 'results.json').read_text())['epochs'] == 2
 
 

@@ -10,13 +10,15 @@ import pytest
 import torch
 from fastai.callback.core import Callback
 
+import fsmtl.config
 import fsmtl.train as T
 from fsmtl.checkpoint import read_checkpoint
 from fsmtl.classifier import FewShotClassifier
 from fsmtl.cli import main
 from fsmtl.evaluate import evaluate
 from fsmtl.scoring import EvalResult
-from fsmtl.train import OPTIONS, all_options, train
+from fsmtl.config import ALIASES, options
+from fsmtl.train import train
 from helpers import TEST_SEED, assert_gain
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -69,7 +71,7 @@ def test_logs_of_a_run(trained):
     assert {p.name for p in d.iterdir()} >= {'best.pth', 'last.pth', 'config.json', 'results.json', 'history.csv'}
     assert not list(d.glob('*.part'))
     cfg = json.loads((d / 'config.json').read_text())
-    assert cfg['meta_batch_size'] == 2 and cfg['optim'] == 'radam' and cfg['model'] == 'resnet12'
+    assert cfg['meta_batch_size'] == 2 and cfg['opt'] == 'radam' and cfg['arch'] == 'resnet12'
     results = json.loads((d / 'results.json').read_text())
     assert results['test']['5shot']['mean'] == pytest.approx(res.test[5].mean)
     assert results['test']['1shot']['ci95'] == pytest.approx(res.test[1].ci95)
@@ -198,29 +200,50 @@ def test_original_recipes_reach_data_loading(recipe, monkeypatch, tmp_path):
     assert seen['name'] == flags['--dataset'] and seen['root'] == str(tmp_path)
     for flag, key in [('--meta_batch_size', 'meta_batch_size'), ('--test_shots', 'test_shots'),
                       ('--train_queries', 'train_queries'), ('--train_shots', 'train_shots')]:
-        assert seen[key] == int(flags[flag]) if flag in flags else seen[key] == OPTIONS[key][0]
+        assert seen[key] == int(flags[flag]) if flag in flags else seen[key] == options()[key][0]
 
 
-def test_every_flag_parses_with_underscores_and_hyphens(monkeypatch):
+def test_every_flag_parses_with_underscores_and_hyphens_and_by_its_original_name(monkeypatch):
     got = []
     monkeypatch.setattr(T, 'train', lambda **kw: got.append(kw) or 'done')
     # --test_only is among the flags: the command then tests the checkpoint instead of training
     monkeypatch.setattr(T, 'evaluate_checkpoint', lambda **kw: got.append(kw) or {})
     values = {bool: [], int: ['3'], float: ['0.5'], str: ['x']}
-    for hyphens in (False, True):
+    old = {new: o for o, new in ALIASES.items()}
+    for hyphens, original in [(False, False), (True, False), (False, True), (True, True)]:
         argv = ['train']
-        for name, (default, _) in all_options().items():
+        for name, (default, _) in options().items():
             if name == 'progress': continue
-            flag = '--' + (name.replace('_', '-') if hyphens else name)
-            if name == 'model_kwargs': argv += [flag, '{"channels": [8, 16, 16, 32]}']
+            flag = '--' + (old[name] if original and name in old else name)
+            if hyphens: flag = flag.replace('_', '-')
+            if name == 'arch_kwargs': argv += [flag, '{"channels": [8, 16, 16, 32]}']
             elif name == 'pretrained': argv += [flag, '/w.pth']
+            elif name == 'precision': argv += ['--fp16'] if original else [flag, 'fp16']
             elif name in ('gpu', 'size', 'num_workers'): argv += [flag, '3']
             else: argv += [flag] + values[type(default) if default is not None else str]
         assert main(argv) == 0
-    a, b = got
-    assert a == b and set(a) == set(all_options()) - {'progress', 'test_only'}
-    assert a['model_kwargs'] == {'channels': [8, 16, 16, 32]} and a['pretrained'] == '/w.pth' and a['fp16'] is True
-    assert a['lr'] == 0.5 and a['max_epochs'] == 3 and a['gpu'] == 3 and a['dataset'] == 'x'
+    new, *others = got
+    assert all(o == new for o in others[:1]) and set(new) == set(options()) - {'progress', 'test_only'}
+    # the original names reach `train` as the flags' new names, but --fp16, which `train` takes as it is
+    assert others[1] == others[2] == {**{k: v for k, v in new.items() if k != 'precision'}, 'fp16': True}
+    assert new['arch_kwargs'] == {'channels': [8, 16, 16, 32]} and new['pretrained'] == '/w.pth' and new['precision'] == 'fp16'
+    assert new['lr'] == 0.5 and new['max_epochs'] == 3 and new['gpu'] == 3 and new['dataset'] == 'x'
+
+
+def test_original_names_are_aliases_of_train(glyph_root, tmp_path, monkeypatch):
+    seen = {}
+    def dls(name, **kw):
+        seen.update(kw)
+        raise Reached
+    monkeypatch.setattr(T, 'mtl_dls', dls)
+    base = {k: v for k, v in small(glyph_root, tmp_path).items() if k not in ('val_epoch_length', 'final_test_epoch_length')}
+    for opts in (dict(val_epoch_length=7, final_test_epoch_length=9), dict(val_episodes=7, test_episodes=9)):
+        with pytest.raises(Reached): train(**base, **opts)
+        assert seen['val_episodes'] == 7 and seen['test_episodes'] == 9
+    with pytest.raises(TypeError, match='give val_episodes or val_epoch_length, not both'):
+        train(**base, val_episodes=7, val_epoch_length=7)
+    with pytest.raises(ValueError, match='choose fp16 or bf16, not both'): train(fp16=True, bf16=True)
+    with pytest.raises(ValueError, match='precision must be fp32, fp16 or bf16'): train(precision='fp8')
 
 
 @pytest.mark.slow
@@ -247,10 +270,10 @@ def test_testing_needs_no_training_optimiser(trained, glyph_root, monkeypatch, t
     # a run trained with torch-optimizer's adamp is tested where that package is missing
     res, _ = trained
     st = read_checkpoint(res.run_dir / 'best.pth')
-    st['config']['optim'] = 'adamp'
+    st['config']['opt'] = 'adamp'
     torch.save(st, tmp_path / 'adamp.pth')
     def missing(name): raise ImportError(f"no {name}")
-    monkeypatch.setattr(T, 'get_opt', missing)
+    monkeypatch.setattr(fsmtl.config, 'get_opt', missing)   # the fit's config, which a test does not make
     out = T.evaluate_checkpoint(tmp_path / 'adamp.pth', root=str(glyph_root), progress=False)
     assert out[5].accs.tolist() == pytest.approx(res.test[5].accs.tolist())
 
