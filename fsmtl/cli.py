@@ -144,13 +144,17 @@ def main(argv=None):
           help='classifier fitted on the features of the examples (default: logistic)')
     _flag(q, 'out', metavar='CSV', help='also write the predictions here, as file,label,probability')
     q.set_defaults(run=_predict)
-    from .config import TEST_OPTIONS, options
-    from .domains import add_domain_flags
+    # the flags of train and test come from the configs, which import fastai's training stack: made for those commands
+    # alone, so that `fsmtl data`, `fsmtl predict` and `fsmtl --help` start without it
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith('-')), None)
     t = sub.add_parser('train', help='train a backbone (multi-task learning, pretraining or a meta-learner) and test it',
                        description='Train a backbone by multi-task learning (--algorithm mtl, the default), pretraining or a '
                                    'meta-learner, then test its best checkpoint on 5-way 1- and 5-shot episodes. Flags are '
                                    'named as in fastai, or as in the original code, with underscores or hyphens.')
-    _option_flags(t, [k for k in options() if k != 'progress'])
+    if command == 'train':
+        from .config import options
+        _option_flags(t, [k for k in options() if k != 'progress'])
     t.set_defaults(run=_train)
     e = sub.add_parser('test', help="test a checkpoint's backbone on the test episodes, of its benchmark or of other domains",
                        description="Test the backbone of a checkpoint (best.pth, or a run folder) on 1- and 5-shot episodes "
@@ -158,8 +162,11 @@ def main(argv=None):
                                    "--dataset values, a torchvision: or folder: domain, --bscd or --split give one table "
                                    "over the domains, written to the run folder (test_domains.md, test_<domain>.json).")
     _flag(e, 'load_path', required=True, metavar='CKPT', help='a checkpoint file, or a run folder (its best.pth)')
-    _option_flags(e, [o for o in TEST_OPTIONS if o != 'dataset'])
-    add_domain_flags(e)
+    if command == 'test':
+        from .config import TEST_OPTIONS
+        from .domains import add_domain_flags
+        _option_flags(e, [o for o in TEST_OPTIONS if o != 'dataset'])
+        add_domain_flags(e)
     e.set_defaults(run=_test)
     args = p.parse_args(argv)
     try: args.run(args)

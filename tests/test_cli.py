@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -39,3 +42,22 @@ def test_unknown_dataset(capsys):
 
 def test_no_command():
     with pytest.raises(SystemExit): main([])
+
+
+
+@pytest.mark.parametrize('argv', [['--help'], ['data', '--help'], ['predict', '--help']])
+def test_help_without_the_training_stack(argv):
+    "`fsmtl --help`, `fsmtl data --help` and `fsmtl predict --help` import neither torch nor fastai nor timm."
+    code = (f"import sys\nfrom fsmtl.cli import main\ntry: main({argv!r})\nexcept SystemExit: pass\n"
+            "print(sorted(m for m in ('torch', 'fastai', 'timm') if m in sys.modules))")
+    res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.rstrip().endswith('[]'), res.stdout + res.stderr
+
+
+def test_train_and_test_help_list_their_flags():
+    "The flags of train and test, made for those commands alone, under fastai's names and the original code's."
+    out = {c: subprocess.run([sys.executable, '-m', 'fsmtl', c, '--help'], capture_output=True, text=True, timeout=120).stdout
+           for c in ('train', 'test')}
+    for flag in ('--val_episodes', '--val_epoch_length', '--opt', '--optim', '--algorithm', '--max_epochs'): assert flag in out['train']
+    for flag in ('--load_path', '--test_episodes', '--final_test_epoch_length', '--bscd'): assert flag in out['test']
+    assert '--max_epochs' not in out['test']
