@@ -18,10 +18,10 @@ Rows: `zero` (the default), `original` (the original code's head, kaiming-unifor
 tasks, 3 a batch: the same images a batch), `images 20` (20 images a class: 'glyphs-small'), `lazy rows` (the head's
 rows that a batch leaves unused keep their values in its step, as a lazy Adam keeps them; RAdam's momentum otherwise
 moves them for several steps after their last batch), `classes 64` (64 base classes of the 250, drawn with the seed,
-as many as mini-ImageNet's, at 300 images each); `pretrain` (`--algorithm pretrain`: one softmax over all base classes),
-`pretrain SGD` (with SGD at 0.05, momentum 0.9, as RFS pretrains), `pretrain tasks 25` (25 tasks a batch: 125 of
-the 250 classes in a batch rather than 30; 3 steps an epoch rather than 16, 75 of the 96 tasks) and `pretrain
-unscaled` (its head kaiming-uniform, as `nn.Linear` starts, rather than zero).
+as many as mini-ImageNet's, at 300 images each); `pretrain` (`--algorithm pretrain`: one softmax over all base classes,
+on batches of the same number of images drawn at random), `pretrain SGD` (with SGD at 0.05, momentum 0.9, as RFS
+pretrains), `pretrain tasks 25` (batches of 25 tasks' worth of images, 1,250: 3 steps an epoch rather than 16) and
+`pretrain unscaled` (its head kaiming-uniform, as `nn.Linear` starts, rather than zero).
 Run: `python bench/mtl_study.py [--epochs 5] [--rows zero,original,...] [--out table.md]`.
 """
 import argparse
