@@ -80,6 +80,7 @@ def _object(data: bytes):
 def gather_objects(obj  # tensors, arrays, numbers and containers of them
                    ) -> list:
     "`obj` of every process, in rank order; `[obj]` in one process."
+    # not accelerate's `gather_object`: it sends plain pickles (see `_bytes`), and flattens lists into one
     if not _joined() or dist.get_world_size() == 1: return [obj]
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, _bytes(obj))
