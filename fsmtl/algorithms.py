@@ -1,5 +1,6 @@
 "The algorithms, one registry: each trains a backbone on `TaskDL` batches with its own options, check, model, loss and head."
 from __future__ import annotations
+from abc import ABC, abstractmethod
 
 from torch import nn
 
@@ -33,7 +34,7 @@ def _owners(option: str) -> str:
     return ' and '.join(n for n, cls in ALGORITHMS.items() if option in cls.options)
 
 
-class Algorithm:
+class Algorithm(ABC):
     "A way to train a backbone on task batches: its options, check, model, loss and episodic head."
     name: str = ''         # its name in `ALGORITHMS`, `train(algorithm=...)` and `--algorithm`
     about: str = ''        # what it trains, one line
@@ -76,6 +77,7 @@ class Algorithm:
         for need in self.needs: need()
         self._checked = (shots, queries)
 
+    @abstractmethod
     def model(self,
               backbone: nn.Module,  # images to (N, nf) features
               nf: int,              # the backbone's feature size
@@ -85,15 +87,14 @@ class Algorithm:
               queries: int          # query images per class in a training task
               ) -> nn.Module:       # it scores a batch of whole tasks; has a `backbone` and a `head`
         "The model it trains around `backbone`."
-        raise NotImplementedError(f"{type(self).__name__} gives no model")
 
+    @abstractmethod
     def loss(self,
              ways: int,      # classes in a training task
              shots: int,     # support images per class in a training task
              queries: int    # query images per class in a training task
              ) -> nn.Module: # takes the model's scores and the batch's global class ids
         "The loss it trains with."
-        raise NotImplementedError(f"{type(self).__name__} gives no loss")
 
     def test_probe(self,
                    method: str,  # a probe's name (`get_probe`'s), or 'native': its own episodic head
