@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -238,7 +239,11 @@ def test_a_full_disk_names_the_file_and_keeps_the_last_good_checkpoint(glyph_roo
 def test_checkpoint_errors_say_what_the_file_is(tmp_path, capsys):
     # row 13
     (tmp_path / 'empty.pth').write_bytes(b'')
-    (tmp_path / 'noise.pth').write_bytes(os.urandom(4096))
+    # seeded noise: os.urandom's starts as a pickle (0x80) once in 256 runs, which is the case below
+    noise = np.random.default_rng(0).bytes(4096)
+    assert noise[:1] != b'\x80' and noise[:2] != b'PK'
+    (tmp_path / 'noise.pth').write_bytes(noise)
+    (tmp_path / 'pickle_noise.pth').write_bytes(b'\x80' + noise[1:])
     backbone, _ = create_backbone('resnet12', channels=(16, 32, 32, 64))
     torch.save(dict(arch='resnet12', arch_kwargs=dict(channels=[8, 16, 16, 32]), size=32, mean=[0.5] * 3, std=[0.5] * 3,
                     backbone=backbone.state_dict()), tmp_path / 'other.pth')
@@ -248,6 +253,9 @@ def test_checkpoint_errors_say_what_the_file_is(tmp_path, capsys):
         return capsys.readouterr().err
     assert 'the file is empty (0 bytes)' in err('empty.pth')
     assert 'not a file torch.save wrote' in err('noise.pth')
+    # noise that starts as torch.save's old pickles do: torch's own reason, on one line
+    pickled = err('pickle_noise.pth')
+    assert 'Cannot read checkpoint' in pickled and '(4096 bytes)' in pickled and len(pickled.strip().splitlines()) == 1
     other = err('other.pth')
     assert 'layer1.0.conv1.weight: (16, 3, 3, 3) in the file, (8, 3, 3, 3) in the model' in other
     assert 'parameters differ' in other and len(other.splitlines()) <= 7
