@@ -1,5 +1,6 @@
 "Runs on several processes: ranks and their seeds, sharded episodes, objects gathered and broadcast."
 from __future__ import annotations
+import atexit
 import io
 import math
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from .data.tasks import EpisodeDL, seeded_random
 
-__all__ = ['world', 'rank', 'is_main', 'init_distributed', 'rank_seed', 'local_batch', 'gather_objects',
+__all__ = ['world', 'rank', 'is_main', 'init_distributed', 'leave_distributed', 'rank_seed', 'local_batch', 'gather_objects',
            'broadcast_object', 'peer_failed', 'unwrap', 'shard_episodes', 'gather_episodes']
 
 
@@ -36,12 +37,20 @@ def is_main() -> bool:
 
 
 def init_distributed():
-    "Join the process group `torchrun` or `accelerate launch` set up."
+    "Join the process group `torchrun` or `accelerate launch` set up, and leave it when the interpreter exits."
     # NCCL on GPUs, gloo on CPUs; nothing happens in one process
     # accelerate's state picks the backend and, on GPUs, this process's device, as its Accelerator later expects
     if num_distrib() > 1 and not _joined():
         from accelerate import PartialState
         PartialState(cpu=not torch.cuda.is_available())
+        atexit.register(leave_distributed)
+
+
+def leave_distributed():
+    "Leave the process group, if this process is in one."
+    # left to the interpreter's teardown, gloo's threads abort a process now and then at its exit, after a run that
+    # succeeded ("terminate called without an active exception"), and torchrun then reports the run as failed
+    if _joined(): dist.destroy_process_group()
 
 
 def rank_seed(seed: int,   # the run's seed

@@ -1,11 +1,15 @@
 """A process of a torchrun launch in tests/test_distributed.py: `torchrun --nproc_per_node 2 tests/ddp_worker.py MODE OUT ROOT`.
 
 parts: the episodic accuracy of fixed weights, then one training step of an MTL learner under `distrib_ctx`, then an
-epoch frozen and one not, each process writing what it saw to OUT/rank{r}.pt. fail: `fsmtl train` on glyphs in ROOT, rank 1 failing to load a task.
+epoch frozen and one not, each process writing what it saw to OUT/rank{r}.pt, and, as it exits, whether it had
+left its process group to OUT/left{r}. fail: `fsmtl train` on glyphs in ROOT, rank 1 failing to load a task.
 """
+import atexit
 import sys
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from fastai.callback.core import Callback
 from fastai.torch_core import set_seed
 
@@ -39,6 +43,8 @@ class Batches(Callback):
 
 
 def parts(out, root):
+    # atexit runs last in, first out: this runs after the handler init_distributed registers, as the interpreter ends
+    atexit.register(lambda: Path(f'{out}/left{rank()}').write_text(str(not dist.is_initialized())))
     init_distributed()
     splits = glyphs(root, n_images=SMALL_IMAGES, progress=False)
     torch.manual_seed(0)
