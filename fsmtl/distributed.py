@@ -37,7 +37,7 @@ def is_main() -> bool:
 
 
 def init_distributed():
-    "Join the process group `torchrun` or `accelerate launch` set up, and leave it when the interpreter exits."
+    "Join the process group that `torchrun` or `accelerate launch` set up, until the interpreter exits."
     # NCCL on GPUs, gloo on CPUs; nothing happens in one process
     # accelerate's state picks the backend and, on GPUs, this process's device, as its Accelerator later expects
     if num_distrib() > 1 and not _joined():
