@@ -96,10 +96,10 @@ def one_thread():
     with one_torch_thread(): yield
 
 
-# The test files that take longest, longest first (`pytest --durations=70` on one worker, summed by file): `make test` runs files whole
-# on two workers (`--dist loadfile --no-loadscope-reorder`) in the order collected, so these start first and the two
-# workers end together rather than one waiting on the last long file. xdist's own order, by number of tests, ran the
-# 60 s of test_device_kit.py's 4 tests last.
+# The test files that take longest, longest first (`pytest --durations=70` on one worker, summed by file): `make test`
+# runs files whole on two workers (`--dist loadfile --no-loadscope-reorder`) in the order collected, so these start
+# first and the two workers end together rather than one waiting on the last long file. xdist's own order, by number
+# of tests, ran the 60 s of test_device_kit.py's 4 tests last.
 LONGEST_FIRST = ['test_readme.py', 'test_algorithms.py', 'test_train.py', 'test_distributed.py', 'test_bench.py',
                  'test_faults.py', 'test_device_kit.py', 'test_finetune.py', 'test_glyphs.py', 'test_run_folder.py',
                  'test_data_faults.py', 'test_learner.py', 'test_timm_suite.py']
